@@ -1,0 +1,361 @@
+"""Datasets, the leave-one-out split, training samples and the Lightning datamodule.
+
+On-disk format (the one every bundled dataset uses, and the one to produce for your own data):
+- `sequences.tsv[.gz]`: one user per line, `user_id<TAB>item_id item_id ...`, oldest first.
+- `items.jsonl[.gz]`: one JSON object per item with an `item_id` and any text fields
+  (`title`, `brand`, `categories`, `description`, `price`, ...).
+MovieLens can also be read from its ratings file (`user_id item_id rating timestamp`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Dataset as TorchDataset
+
+from grid.errors import GridError
+
+log = logging.getLogger(__name__)
+
+MIN_INTERACTIONS = 3  # leave-one-out needs one training, one validation and one test item
+
+
+@dataclass
+class Dataset:
+    """A catalogue of items and one chronological item sequence per user (internal ids 0..N-1)."""
+
+    name: str
+    item_ids: list[str]
+    items: list[dict]
+    users: list[str]
+    sequences: list[np.ndarray]
+    fingerprint: str
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def num_interactions(self) -> int:
+        return int(sum(len(s) for s in self.sequences))
+
+
+def _find(path: Path, stem: str) -> Path:
+    for candidate in (path / stem, path / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise GridError(
+        f"missing data file {path / stem}[.gz]: point data.path at a folder holding "
+        f"sequences.tsv[.gz] and items.jsonl[.gz] (see README, 'Your own data')"
+    )
+
+
+def _lines(path: Path):
+    """Yield (line number, text) of a plain or gzipped text file."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                yield number, line.rstrip("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GridError(
+            f"cannot read {path}: {e}; check the file is UTF-8 text (optionally gzipped)"
+        )
+
+
+def _digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def read_items(path: Path) -> tuple[list[str], list[dict]]:
+    """Read items.jsonl: external ids (as strings) and their metadata, in file order."""
+    ids, items, seen = [], [], set()
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GridError(f"{path}:{number}: malformed JSON ({e.msg}); fix or remove that line")
+        if not isinstance(item, dict) or "item_id" not in item:
+            raise GridError(f"{path}:{number}: expected a JSON object with an 'item_id' field")
+        item_id = str(item["item_id"])
+        if item_id in seen:
+            raise GridError(
+                f"{path}:{number}: duplicate item_id {item_id!r}; item ids must be unique"
+            )
+        seen.add(item_id)
+        ids.append(item_id)
+        items.append(item)
+    if not ids:
+        raise GridError(f"{path} holds no items: the catalogue is empty")
+    return ids, items
+
+
+def read_sequences(path: Path, index: dict[str, int]) -> tuple[list[str], list[np.ndarray]]:
+    """Read sequences.tsv as internal ids; every item must be in the catalogue."""
+    users, sequences = [], []
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise GridError(
+                f"{path}:{number}: expected 'user_id<TAB>item_id item_id ...', got {len(parts)} "
+                f"tab-separated fields"
+            )
+        user, items = parts
+        try:
+            seq = np.fromiter((index[i] for i in items.split()), dtype=np.int64)
+        except KeyError as e:
+            raise GridError(
+                f"{path}:{number}: item {e.args[0]!r} not in items.jsonl; add it there or drop it"
+            )
+        users.append(user)
+        sequences.append(seq)
+    return users, sequences
+
+
+def _drop_short(name: str, users: list[str], sequences: list[np.ndarray]):
+    keep = [i for i, s in enumerate(sequences) if len(s) >= MIN_INTERACTIONS]
+    dropped = len(sequences) - len(keep)
+    if not keep:
+        raise GridError(
+            f"{name}: no user has {MIN_INTERACTIONS} or more interactions, so leave-one-out leaves "
+            f"nothing to train on; provide longer sequences"
+        )
+    if dropped:
+        log.warning(
+            "%s: dropped %d users with fewer than %d interactions", name, dropped, MIN_INTERACTIONS
+        )
+    return [users[i] for i in keep], [sequences[i] for i in keep]
+
+
+def load_sequences(path: str | Path, name: str | None = None) -> Dataset:
+    """Load a folder in the plain format (sequences.tsv + items.jsonl, optionally gzipped)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise GridError(f"data folder {path} does not exist; set data.path to a dataset folder")
+    items_file, seq_file = _find(path, "items.jsonl"), _find(path, "sequences.tsv")
+    item_ids, items = read_items(items_file)
+    users, sequences = read_sequences(seq_file, {i: k for k, i in enumerate(item_ids)})
+    name = name or path.name
+    users, sequences = _drop_short(name, users, sequences)
+    return Dataset(name, item_ids, items, users, sequences, _digest(items_file, seq_file))
+
+
+def load_movielens(path: str | Path, name: str | None = None, min_rating: float = 0.0) -> Dataset:
+    """Load MovieLens from its ratings file, ordering each user's items by (timestamp, item id)."""
+    path = Path(path)
+    items_file, ratings_file = _find(path, "items.jsonl"), _find(path, "ratings.tsv")
+    item_ids, items = read_items(items_file)
+    index = {i: k for k, i in enumerate(item_ids)}
+    by_user: dict[str, list[tuple[int, int]]] = {}
+    for number, line in _lines(ratings_file):
+        fields = line.split()
+        if number == 1 and not fields[0].isdigit():
+            continue  # header
+        try:
+            user, item, rating, ts = fields[0], fields[1], float(fields[2]), int(fields[3])
+        except (IndexError, ValueError):
+            raise GridError(f"{ratings_file}:{number}: expected 'user item rating timestamp'")
+        if item not in index:
+            raise GridError(f"{ratings_file}:{number}: item {item!r} is not in items.jsonl")
+        if rating >= min_rating:
+            by_user.setdefault(user, []).append((ts, index[item]))
+    users = sorted(by_user, key=lambda u: (len(u), u))
+    sequences = [np.array([i for _, i in sorted(by_user[u])], dtype=np.int64) for u in users]
+    name = name or path.name
+    users, sequences = _drop_short(name, users, sequences)
+    digest = _digest(items_file, ratings_file) + f"-r{min_rating}"
+    return Dataset(name, item_ids, items, users, sequences, digest)
+
+
+LOADERS = {"sequences": load_sequences, "movielens": load_movielens}
+
+
+def load_dataset(cfg) -> Dataset:
+    """Load the dataset a `data` config describes."""
+    if cfg.format not in LOADERS:
+        raise GridError(f"unknown data.format {cfg.format!r}; choose one of {sorted(LOADERS)}")
+    kwargs = {"min_rating": cfg.min_rating} if cfg.format == "movielens" else {}
+    return LOADERS[cfg.format](cfg.path, name=cfg.name, **kwargs)
+
+
+# --- split and samples -----------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """Leave-one-out: last item test, second-to-last validation, the rest training."""
+
+    train: list[np.ndarray]
+    valid: tuple[list[np.ndarray], np.ndarray]  # (histories, targets)
+    test: tuple[list[np.ndarray], np.ndarray]
+
+
+def leave_one_out(sequences: list[np.ndarray], max_history: int) -> Split:
+    """Split every user's sequence; eval histories keep the last `max_history` items."""
+    train = [s[:-2] for s in sequences]
+    valid = ([s[:-2][-max_history:] for s in sequences], np.array([s[-2] for s in sequences]))
+    test = ([s[:-1][-max_history:] for s in sequences], np.array([s[-1] for s in sequences]))
+    return Split(train, valid, test)
+
+
+def training_samples(train: list[np.ndarray], max_history: int, sliding_window: bool = True):
+    """(users, histories, targets) for next-item training on the training part of each sequence.
+
+    With `sliding_window` every prefix predicts its next item; without it only the last training
+    item is predicted from everything before it.
+    """
+    users, histories, targets = [], [], []
+    for u, seq in enumerate(train):
+        ends = range(1, len(seq)) if sliding_window else range(len(seq) - 1, len(seq))
+        for t in ends:
+            if t < 1:
+                continue
+            users.append(u)
+            histories.append(seq[max(0, t - max_history) : t])
+            targets.append(seq[t])
+    return np.array(users, dtype=np.int64), histories, np.array(targets, dtype=np.int64)
+
+
+def pad(histories: list[np.ndarray], width: int | None = None) -> np.ndarray:
+    """Right-pad histories with -1 into one int64 array."""
+    width = width or max(len(h) for h in histories)
+    out = np.full((len(histories), width), -1, dtype=np.int64)
+    for row, h in zip(out, histories, strict=True):
+        row[: len(h)] = h
+    return out
+
+
+class SequenceSamples(TorchDataset):
+    """(user, history, target) rows; each item of the dataset is one batch-ready dict."""
+
+    def __init__(self, users: np.ndarray, histories: list[np.ndarray], targets: np.ndarray):
+        self.users = torch.as_tensor(users)
+        self.lengths = torch.tensor([len(h) for h in histories])
+        self.history = torch.as_tensor(pad(histories))
+        self.targets = torch.as_tensor(targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return i
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(idx)
+        lengths = self.lengths[idx]
+        return {
+            "user": self.users[idx],
+            "history": self.history[idx, : int(lengths.max())],
+            "length": lengths,
+            "target": self.targets[idx],
+        }
+
+
+class LengthBucketSampler(Sampler):
+    """Batches of similar history length, so padding to the batch's longest costs little.
+
+    Indices are shuffled, cut into pools of `pool` batches, sorted by length inside a pool and
+    batched; the batch order is shuffled again. Without `shuffle` it sorts the whole set.
+    """
+
+    def __init__(
+        self, lengths: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0, pool: int = 64
+    ):
+        self.lengths, self.batch_size, self.shuffle = lengths, batch_size, shuffle
+        self.seed, self.pool, self.epoch = seed, pool, 0
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        n, b = len(self.lengths), self.batch_size
+        if not self.shuffle:
+            order = torch.argsort(self.lengths, stable=True)
+            yield from (order[i : i + b].tolist() for i in range(0, n, b))
+            return
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        perm = torch.randperm(n, generator=g)
+        batches = []
+        for start in range(0, n, b * self.pool):
+            chunk = perm[start : start + b * self.pool]
+            chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
+            batches += [chunk[i : i + b] for i in range(0, len(chunk), b)]
+        for k in torch.randperm(len(batches), generator=g).tolist():
+            yield batches[k].tolist()
+
+
+class SequenceDataModule(L.LightningDataModule):
+    """Training samples (length-bucketed) and validation/test histories for one split."""
+
+    def __init__(
+        self,
+        split: Split,
+        max_history: int = 20,
+        sliding_window: bool = True,
+        batch_size: int = 256,
+        eval_batch_size: int = 512,
+        bucket: bool = True,
+        seed: int = 0,
+        val_users: int | None = None,
+    ):
+        super().__init__()
+        self.split, self.batch_size, self.eval_batch_size = split, batch_size, eval_batch_size
+        self.bucket, self.seed = bucket, seed
+        self.train_set = SequenceSamples(
+            *training_samples(split.train, max_history, sliding_window)
+        )
+        n = len(split.valid[1])
+        users = np.arange(n)
+        if val_users and val_users < n:  # a fixed random subset for per-epoch model selection
+            users = np.sort(np.random.default_rng(seed).choice(n, val_users, replace=False))
+        self.valid_set = SequenceSamples(
+            users, [split.valid[0][u] for u in users], split.valid[1][users]
+        )
+        self.full_valid_set = SequenceSamples(np.arange(n), *split.valid)
+        self.test_set = SequenceSamples(np.arange(n), *split.test)
+
+    def _loader(self, data: SequenceSamples, train: bool) -> DataLoader:
+        if train and not self.bucket:
+            return DataLoader(
+                data,
+                batch_size=self.batch_size,
+                shuffle=True,
+                collate_fn=data.collate,
+                generator=torch.Generator().manual_seed(self.seed),
+            )
+        size = self.batch_size if train else self.eval_batch_size
+        sampler = LengthBucketSampler(data.lengths, size, shuffle=train, seed=self.seed)
+        return DataLoader(data, batch_sampler=sampler, collate_fn=data.collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.valid_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def full_val_dataloader(self) -> DataLoader:
+        return self._loader(self.full_valid_set, train=False)

@@ -1,0 +1,26 @@
+"""The popularity baseline: every user gets the items seen most often in training."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from grid.generators.base import PipelineInputs, Recommender
+
+
+class Popularity(Recommender):
+    """Ranks items by their number of training interactions."""
+
+    trainable = False
+
+    @classmethod
+    def build(cls, inputs: PipelineInputs, **params) -> Popularity:
+        return cls(inputs.num_items, inputs.train_sequences, **params)
+
+    def __init__(self, num_items: int, train_sequences: list[np.ndarray], **kwargs):
+        super().__init__(num_items, **kwargs)
+        counts = np.bincount(np.concatenate(train_sequences), minlength=num_items)
+        self.register_buffer("ranking", torch.as_tensor(np.argsort(-counts, kind="stable")))
+
+    def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+        return self.ranking[:k].expand(len(batch["target"]), k)

@@ -1,0 +1,108 @@
+"""Semantic IDs: the codes each item gets, and how colliding codes become item ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from grid.errors import GridError
+
+COLLISION_STRATEGIES = ("dedup", "random", "balanced")
+
+
+@dataclass
+class SemanticIDs:
+    """Per-item codes `[num_items, length]`; position `l` takes values in `[0, vocab_sizes[l])`.
+
+    `ordered=False` marks codes that form an unordered set (OPQ), so a generator may predict
+    them in any order. Items may share a SID (collision strategy 'random'): retrieval of a SID
+    then picks one of its items at random.
+    """
+
+    codes: np.ndarray
+    vocab_sizes: tuple[int, ...]
+    ordered: bool = True
+    unique_codes: np.ndarray = field(init=False, repr=False)
+    item_group: np.ndarray = field(init=False, repr=False)  # item -> row of unique_codes
+
+    def __post_init__(self):
+        self.codes = np.ascontiguousarray(self.codes, dtype=np.int64)
+        self.vocab_sizes = tuple(int(v) for v in self.vocab_sizes)
+        if self.codes.ndim != 2 or self.codes.shape[1] != len(self.vocab_sizes):
+            raise ValueError(
+                f"codes {self.codes.shape} do not match vocab sizes {self.vocab_sizes}"
+            )
+        if (self.codes < 0).any() or (self.codes >= np.array(self.vocab_sizes)).any():
+            raise ValueError("codes fall outside their vocabularies")
+        self.unique_codes, self.item_group = np.unique(self.codes, axis=0, return_inverse=True)
+        self.item_group = self.item_group.reshape(-1)
+        order = np.argsort(self.item_group, kind="stable")
+        counts = np.bincount(self.item_group, minlength=len(self.unique_codes))
+        self._members = order  # items sorted by group
+        self._offsets = np.concatenate([[0], np.cumsum(counts)])
+
+    @property
+    def num_items(self) -> int:
+        return len(self.codes)
+
+    @property
+    def length(self) -> int:
+        return len(self.vocab_sizes)
+
+    @property
+    def num_unique(self) -> int:
+        return len(self.unique_codes)
+
+    @property
+    def group_sizes(self) -> np.ndarray:
+        return np.diff(self._offsets)
+
+    def members(self, group: int) -> np.ndarray:
+        """Items that share the SID `unique_codes[group]`."""
+        return self._members[self._offsets[group] : self._offsets[group + 1]]
+
+    def pick_items(
+        self, groups: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Map unique-SID rows to items, a uniformly random member where several share one.
+
+        Entries < 0 (no SID decoded) stay -1.
+        """
+        g = groups.cpu().numpy()
+        valid = g >= 0
+        gv = np.where(valid, g, 0)
+        sizes = self.group_sizes[gv]
+        u = torch.rand(g.shape, generator=generator).numpy()
+        pick = np.minimum((u * sizes).astype(np.int64), sizes - 1)
+        items = self._members[self._offsets[gv] + pick]
+        return torch.as_tensor(np.where(valid, items, -1), device=groups.device)
+
+
+def deduplicate(codes: np.ndarray) -> np.ndarray:
+    """TIGER's fix: append a digit numbering the items that share a SID (0 for unique ones)."""
+    _, inverse = np.unique(codes, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    sorted_groups = inverse[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_groups)) + 1]
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    digit = np.empty(len(codes), dtype=np.int64)
+    digit[order] = rank
+    return np.concatenate([codes, digit[:, None]], axis=1)
+
+
+def assign_sids(
+    codes: np.ndarray, vocab_sizes, strategy: str = "dedup", ordered: bool = True
+) -> SemanticIDs:
+    """Turn a tokenizer's codes into SemanticIDs under a collision strategy."""
+    if strategy == "dedup":
+        codes = deduplicate(codes)
+        return SemanticIDs(codes, (*vocab_sizes, int(codes[:, -1].max()) + 1), ordered)
+    if strategy == "random":
+        return SemanticIDs(codes, tuple(vocab_sizes), ordered)
+    raise GridError(
+        f"collision strategy {strategy!r} is not available here; choose one of "
+        f"{list(COLLISION_STRATEGIES)} that the tokenizer supports"
+    )

@@ -1,0 +1,73 @@
+"""The tokenizer interface: item embeddings in, discrete codes out (scikit-learn style)."""
+
+from __future__ import annotations
+
+import pickle
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from grid.errors import GridError
+
+
+def check_embeddings(X: np.ndarray, dim: int | None = None) -> np.ndarray:
+    """Validate a 2-D finite float matrix (optionally of a given width); return it as float32."""
+    X = np.asarray(X)
+    if X.ndim != 2 or X.shape[0] == 0:
+        raise GridError(f"expected a non-empty [items, dim] embedding matrix, got shape {X.shape}")
+    if not np.isfinite(X).all():
+        bad = int((~np.isfinite(X)).any(axis=1).sum())
+        raise GridError(
+            f"{bad} embeddings contain NaN or infinite values; fix the encoder output "
+            f"(or clear its cache) before tokenizing"
+        )
+    if dim is not None and X.shape[1] != dim:
+        raise GridError(
+            f"embeddings have dimension {X.shape[1]} but the tokenizer was fitted on {dim}; "
+            f"refit it on these embeddings or use the encoder it was fitted with"
+        )
+    return np.ascontiguousarray(X, dtype=np.float32)
+
+
+class Tokenizer(ABC):
+    """Fits on item embeddings `[N, D]`, then encodes each item as `length` discrete codes."""
+
+    ordered: bool = True  # False: the codes form an unordered set (OPQ)
+    collision_strategies: tuple[str, ...] = ("dedup", "random")
+    dim_: int | None = None
+
+    @property
+    @abstractmethod
+    def vocab_sizes(self) -> tuple[int, ...]:
+        """Number of codes available at each position."""
+
+    @abstractmethod
+    def fit(self, X: np.ndarray) -> Tokenizer:
+        """Learn codebooks from embeddings; returns self."""
+
+    @abstractmethod
+    def encode(self, X: np.ndarray) -> np.ndarray:
+        """Codes `[N, length]` (int64) for embeddings `[N, D]`."""
+
+    @abstractmethod
+    def reconstruct(self, codes: np.ndarray) -> np.ndarray:
+        """Approximate embeddings `[N, D]` from codes."""
+
+    def fit_encode(self, X: np.ndarray) -> np.ndarray:
+        return self.fit(X).encode(X)
+
+    def _check_fitted(self, X: np.ndarray) -> np.ndarray:
+        if self.dim_ is None:
+            raise GridError(f"{type(self).__name__} is not fitted; call fit() before encode()")
+        return check_embeddings(X, self.dim_)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(pickle.dumps(self))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        obj = pickle.loads(Path(path).read_bytes())
+        if not isinstance(obj, cls):
+            raise GridError(f"{path} holds a {type(obj).__name__}, not a {cls.__name__}")
+        return obj
