@@ -1,7 +1,10 @@
 """Item encoders, registered under the `name` field of an `encoder` config."""
 
 from grid.encoders.base import Encoder
+from grid.encoders.text import TextEncoder
 
-ENCODERS: dict[str, type[Encoder]] = {}
+ENCODERS: dict[str, type[Encoder]] = {
+    "text": TextEncoder,
+}
 
-__all__ = ["ENCODERS", "Encoder"]
+__all__ = ["ENCODERS", "Encoder", "TextEncoder"]

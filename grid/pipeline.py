@@ -1,0 +1,136 @@
+"""The cached stages that feed a generator: data -> embeddings -> semantic IDs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from grid.cache import StageCache, stage_key
+from grid.data import Dataset, Split, leave_one_out, load_dataset
+from grid.encoders import ENCODERS
+from grid.errors import GridError
+from grid.sids import SemanticIDs, assign_sids
+from grid.tokenizers import TOKENIZERS, Tokenizer
+from grid.tokenizers.base import check_embeddings
+
+log = logging.getLogger(__name__)
+
+# Bump when a stage's output format or algorithm changes, so old caches are not reused.
+STAGE_VERSIONS = {"embeddings": 1, "sids": 1}
+
+
+def params(cfg: DictConfig) -> dict:
+    """A component config's constructor kwargs: every field but `name`."""
+    fields = OmegaConf.to_container(cfg, resolve=True)
+    fields.pop("name", None)
+    return fields
+
+
+def component(registry: dict, cfg: DictConfig, group: str):
+    """The registered class a config's `name` selects."""
+    if cfg.name not in registry:
+        raise GridError(
+            f"unknown {group} {cfg.name!r}; registered {group}s: {', '.join(sorted(registry))}"
+        )
+    return registry[cfg.name]
+
+
+@dataclass
+class Stages:
+    """Everything the generator stage needs, with each stage's cache key."""
+
+    dataset: Dataset
+    split: Split
+    embeddings: np.ndarray
+    embeddings_key: str
+    sids: SemanticIDs | None = None
+    sids_key: str | None = None
+    tokenizer_report: dict | None = None
+
+
+def load_split(data_cfg: DictConfig) -> tuple[Dataset, Split]:
+    dataset = load_dataset(data_cfg)
+    return dataset, leave_one_out(dataset.sequences, data_cfg.max_history)
+
+
+def embed(
+    dataset: Dataset, split: Split, encoder_cfg: DictConfig, cache: StageCache
+) -> tuple[np.ndarray, str]:
+    """Item embeddings from the configured encoder, cached by (dataset, encoder config)."""
+    encoder = component(ENCODERS, encoder_cfg, "encoder")(**params(encoder_cfg))
+    key = stage_key("embeddings", STAGE_VERSIONS["embeddings"], dataset.fingerprint, encoder_cfg)
+
+    def build(folder: Path) -> None:
+        X = check_embeddings(encoder.encode(dataset, split))
+        if len(X) != dataset.num_items:
+            raise GridError(f"encoder returned {len(X)} rows for {dataset.num_items} items")
+        np.save(folder / "embeddings.npy", X)
+
+    folder, hit = cache.get("embeddings", key, build)
+    log.info("embeddings %s (%s)", key, "cached" if hit else "computed")
+    return np.load(folder / "embeddings.npy"), key
+
+
+def build_tokenizer(cfg: DictConfig) -> tuple[Tokenizer, str]:
+    """The tokenizer a config describes and its collision strategy."""
+    kwargs = params(cfg)
+    strategy = kwargs.pop("collisions", "dedup")
+    tokenizer = component(TOKENIZERS, cfg, "tokenizer")(**kwargs)
+    if strategy not in tokenizer.collision_strategies:
+        raise GridError(
+            f"tokenizer {cfg.name!r} cannot use collisions={strategy!r}; it supports "
+            f"{', '.join(tokenizer.collision_strategies)}"
+        )
+    return tokenizer, strategy
+
+
+def tokenize(
+    X: np.ndarray, embeddings_key: str, tokenizer_cfg: DictConfig, cache: StageCache
+) -> tuple[SemanticIDs, str, dict]:
+    """Fit the tokenizer and assign SIDs, cached by (embeddings, tokenizer config)."""
+    from grid.tokenizers.report import tokenizer_report
+
+    tokenizer, strategy = build_tokenizer(tokenizer_cfg)
+    key = stage_key("sids", STAGE_VERSIONS["sids"], embeddings_key, tokenizer_cfg)
+
+    def build(folder: Path) -> None:
+        start = time.perf_counter()
+        tokenizer.fit(X)
+        fit_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        codes = tokenizer.encode_balanced(X) if strategy == "balanced" else tokenizer.encode(X)
+        encode_seconds = time.perf_counter() - start
+        sids = assign_sids(codes, tokenizer.vocab_sizes, strategy, tokenizer.ordered)
+        report = tokenizer_report(tokenizer, X, codes, sids, fit_seconds, encode_seconds)
+        tokenizer.save(folder / "tokenizer.pkl")
+        np.savez(
+            folder / "sids.npz",
+            codes=sids.codes,
+            vocab_sizes=np.array(sids.vocab_sizes),
+            ordered=sids.ordered,
+        )
+        (folder / "tokenizer_report.json").write_text(json.dumps(report, indent=2))
+
+    folder, hit = cache.get("sids", key, build)
+    log.info("semantic IDs %s (%s)", key, "cached" if hit else "computed")
+    saved = np.load(folder / "sids.npz")
+    sids = SemanticIDs(saved["codes"], tuple(saved["vocab_sizes"]), bool(saved["ordered"]))
+    return sids, key, json.loads((folder / "tokenizer_report.json").read_text())
+
+
+def prepare(cfg: DictConfig, cache: StageCache, tokenize_items: bool = True) -> Stages:
+    """Run (or reuse) the data, encoder and tokenizer stages of a composed run config."""
+    dataset, split = load_split(cfg.data)
+    X, emb_key = embed(dataset, split, cfg.encoder, cache)
+    stages = Stages(dataset, split, X, emb_key)
+    if tokenize_items:
+        stages.sids, stages.sids_key, stages.tokenizer_report = tokenize(
+            X, emb_key, cfg.tokenizer, cache
+        )
+    return stages

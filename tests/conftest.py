@@ -1,0 +1,39 @@
+"""Shared fixtures: the bundled Beauty data and its MiniLM item embeddings (cached on disk)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from grid.cache import StageCache
+from grid.data import Dataset, Split, leave_one_out, load_sequences
+from grid.pipeline import embed
+
+ROOT = Path(__file__).resolve().parents[1]
+BEAUTY = ROOT / "data" / "amazon14_beauty"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def beauty() -> Dataset:
+    return load_sequences(BEAUTY)
+
+
+@pytest.fixture(scope="session")
+def beauty_split(beauty: Dataset) -> Split:
+    return leave_one_out(beauty.sequences, max_history=20)
+
+
+@pytest.fixture(scope="session")
+def beauty_embeddings(beauty: Dataset, beauty_split: Split) -> np.ndarray:
+    """MiniLM embeddings of all 12,101 Beauty items, computed once and kept in the stage cache."""
+    cfg = OmegaConf.load(ROOT / "configs" / "encoder" / "minilm.yaml")
+    cache = StageCache(os.environ.get("GRID_CACHE", ROOT / ".cache" / "grid"))
+    X, _ = embed(beauty, beauty_split, cfg, cache)
+    return X
