@@ -1,0 +1,143 @@
+"""The `grid` command line: run, config show, tokenize."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from grid.errors import GridError
+
+EPILOG = """examples:
+  grid run                                   the default experiment (Beauty, RK-Means, TIGER)
+  grid run tokenizer=rvq generator.beam_width=10
+  grid run experiments/grid_handbook/beauty_rkmeans_tiger.yaml --out runs/handbook
+  grid config show tokenizer=opq
+  grid tokenize tokenizer=opq --out runs/opq"""
+
+
+def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """The optional experiment file (first argument without '=') and the overrides."""
+    if args and "=" not in args[0]:
+        path = args[0]
+        if not Path(path).is_file():
+            raise GridError(f"experiment file {path} not found; give a YAML path or key=value")
+        return path, args[1:]
+    return None, args
+
+
+def _default_out(cfg) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg.data.name}-{cfg.tokenizer.name}-{cfg.generator.name}"
+
+
+def cmd_run(ns: argparse.Namespace) -> None:
+    from grid.config import compose
+    from grid.runner import run
+
+    cfg = compose(*_split_args(ns.args))
+    out = Path(ns.out) if ns.out else _default_out(cfg)
+    print(f"grid run -> {out}")
+    run(cfg, out)
+
+
+def cmd_config_show(ns: argparse.Namespace) -> None:
+    from grid.config import compose, to_yaml
+
+    print(to_yaml(compose(*_split_args(ns.args))), end="")
+
+
+def cmd_tokenize(ns: argparse.Namespace) -> None:
+    from grid.tokenize import compare, tokenize_command
+
+    if ns.compare:
+        compare(ns.compare, ns.args, ns.out)
+    else:
+        tokenize_command(*_split_args(ns.args), ns.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grid",
+        description="Benchmark semantic-ID generative recommenders.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every stage")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    overrides = "optional experiment YAML, then overrides: GROUP=NAME or dotted.key=VALUE"
+
+    p = sub.add_parser(
+        "run",
+        help="run the pipeline and report Recall/NDCG@K",
+        description="Compose the config, run data -> encoder -> tokenizer -> "
+        "generator -> evaluation, print a results table and write config.yaml, "
+        "metrics.json and stage outputs to --out.",
+    )
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=overrides)
+    p.add_argument("--out", help="output folder (default runs/<time>-<data>-<tokenizer>-<gen>)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "config", help="inspect configs", description="Inspect the composed configuration."
+    )
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = csub.add_parser(
+        "show",
+        help="print the composed config",
+        description="Print the fully composed config as YAML.",
+    )
+    show.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=overrides)
+    show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser(
+        "tokenize",
+        help="fit a tokenizer and report SID quality",
+        description="Fit and encode the configured tokenizer on the run's "
+        "embeddings; print and write the tokenizer quality report.",
+    )
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=overrides)
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="CONFIG",
+        help="compare several experiment YAMLs side by side",
+    )
+    p.add_argument("--out", help="folder for tokenizer_report.json and the SIDs")
+    p.set_defaults(func=cmd_tokenize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not getattr(ns, "func", None):
+        parser.print_help()
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    logging.basicConfig(
+        level=logging.INFO if ns.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not ns.verbose:
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", module="lightning")
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    try:
+        ns.func(ns)
+    except GridError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

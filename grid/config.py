@@ -1,0 +1,174 @@
+"""Hydra-like config composition on OmegaConf: config groups, experiment files, dotted overrides.
+
+`configs/config.yaml` names a default per group (`defaults: {tokenizer: rkmeans, ...}`); a group
+choice `tokenizer=rqvae` loads `configs/tokenizer/rqvae.yaml` (`encoder=cf:lightgcn` loads
+`configs/encoder/cf/lightgcn.yaml`); `tokenizer.levels=4` overrides one field. An experiment
+YAML may pick groups under `defaults:` and override fields with nested keys. Every override
+must name an existing key with a value of the same type.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from grid.errors import GridError
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = ("data", "encoder", "tokenizer", "generator", "trainer")
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get("GRID_CONFIG_DIR", ROOT / "configs"))
+
+
+def _root(path: str = "") -> str:
+    """`${root:data/x}`: a path inside the grid checkout, wherever the command is run from."""
+    return str(ROOT / path)
+
+
+# OmegaConf 2.4 renamed register_new_resolver; accept both.
+_register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+_register("root", _root, replace=True)
+
+
+def available(group: str) -> list[str]:
+    folder = config_dir() / group
+    names = [p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml")]
+    return sorted(n.replace("/", ":") for n in names)
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise GridError(f"cannot read config {path}: {e.strerror}; check the path")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise GridError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)}); fix the file")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise GridError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def load_group(group: str, name: str) -> dict:
+    path = config_dir() / group / f"{name.replace(':', '/')}.yaml"
+    if not path.is_file():
+        raise GridError(
+            f"unknown {group} {name!r}; available: {', '.join(available(group))} "
+            f"(configs/{group}/*.yaml)"
+        )
+    return _load_yaml(path)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _type_name(value) -> str:
+    return {
+        bool: "bool",
+        int: "int",
+        float: "float",
+        str: "string",
+        list: "list",
+        dict: "mapping",
+    }.get(type(value), type(value).__name__)
+
+
+def _compatible(old, new) -> bool:
+    if old is None or new is None:
+        return True
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, float):
+        return isinstance(new, int | float)
+    return isinstance(new, type(old)) or (isinstance(old, int) and isinstance(new, int))
+
+
+def _set(tree: dict, dotted: str, value, source: str) -> None:
+    """Set an existing key, checking its type; unknown keys get the closest valid one suggested."""
+    flat = _flatten(tree)
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            close = difflib.get_close_matches(dotted, list(flat), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else "see `grid config show`"
+            raise GridError(f"unknown config key {dotted!r} ({source}); {hint}")
+        if i < len(parts) - 1:
+            node = node[part]
+    old = node[parts[-1]]
+    if isinstance(old, dict) and not isinstance(value, dict):
+        raise GridError(f"{dotted} is a section, not a value ({source}); set one of its fields")
+    if not isinstance(old, dict) and not _compatible(old, value):
+        raise GridError(
+            f"{dotted} must be of type {_type_name(old)} (like {old!r}), got {value!r} "
+            f"({source}); give a {_type_name(old)} value"
+        )
+    if isinstance(old, dict):
+        for key, sub in _flatten(value).items():
+            _set(tree, f"{dotted}.{key}", sub, source)
+    else:
+        node[parts[-1]] = float(value) if isinstance(old, float) and value is not None else value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise GridError(f"override {text!r} is not key=value; e.g. tokenizer=rqvae or seed=1")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def compose(experiment: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
+    """The run config: defaults, then the experiment file, then command-line overrides."""
+    base = _load_yaml(config_dir() / "config.yaml")
+    choices = dict(base.pop("defaults"))
+    fields: list[tuple[str, object, str]] = []
+    if experiment is not None:
+        exp = _load_yaml(Path(experiment))
+        for group, name in (exp.pop("defaults", None) or {}).items():
+            if group not in GROUPS:
+                raise GridError(f"{experiment}: unknown config group {group!r}; groups: {GROUPS}")
+            choices[group] = name
+        fields += [(k, v, str(experiment)) for k, v in _flatten(exp).items()]
+    for text in overrides:
+        key, value = parse_override(text)
+        if key in GROUPS:
+            choices[key] = str(value)
+        else:
+            fields.append((key, value, f"override {text!r}"))
+    tree = {"defaults": choices, **{g: load_group(g, str(choices[g])) for g in GROUPS}, **base}
+    for key, value, source in fields:
+        if key.startswith("defaults."):
+            raise GridError(f"pick a group with {key.split('.', 1)[1]}=NAME, not {key}")
+        _set(tree, key, value, source)
+    cfg = OmegaConf.create(tree)
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as e:  # interpolation errors name the key already
+        raise GridError(f"cannot resolve config: {e}".splitlines()[0])
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
