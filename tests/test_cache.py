@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from grid.cache import StageCache
+from grid.config import compose
+from grid.pipeline import Stages, embed, tokenize
+from grid.runner import model_key
+
+
+def test_build_failure_leaves_nothing(tmp_path):
+    cache = StageCache(tmp_path)
+
+    def broken(folder):
+        (folder / "half.npy").write_text("x")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        cache.get("sids", "k1", broken)
+    assert not any((tmp_path / "sids").iterdir())
+    folder, hit = cache.get("sids", "k1", lambda f: (f / "ok").write_text("1"))
+    assert not hit and (folder / "ok").is_file()
+    assert cache.get("sids", "k1", broken) == (folder, True)  # finished stage is reused
+
+
+def test_tokenizer_cache_key_follows_every_field(tmp_path, beauty_embeddings):
+    cache = StageCache(tmp_path)
+    X = beauty_embeddings[:2000]
+    base = OmegaConf.create(
+        {
+            "name": "rkmeans",
+            "levels": 2,
+            "codebook_size": 16,
+            "niter": 5,
+            "normalize_residuals": False,
+            "seed": 0,
+            "collisions": "dedup",
+        }
+    )
+    sids, key, _ = tokenize(X, "emb-a", base, cache)
+    again, key2, _ = tokenize(X, "emb-a", base.copy(), cache)
+    assert key2 == key and np.array_equal(again.codes, sids.codes)
+    keys = {key}
+    for field, value in [
+        ("levels", 3),
+        ("codebook_size", 8),
+        ("niter", 6),
+        ("seed", 1),
+        ("normalize_residuals", True),
+        ("collisions", "random"),
+    ]:
+        changed = base.copy()
+        changed[field] = value
+        keys.add(tokenize(X, "emb-a", changed, cache)[1])
+    keys.add(tokenize(X, "emb-b", base, cache)[1])  # other embeddings
+    assert len(keys) == 8
+
+
+def test_embedding_cache_key(tmp_path, beauty, beauty_split):
+    cache = StageCache(tmp_path)
+    small = type(beauty)(beauty.name, beauty.item_ids[:50], beauty.items[:50], [], [], "fp1")
+    cfg = OmegaConf.load("configs/encoder/minilm.yaml")
+    X, key = embed(small, beauty_split, cfg, cache)
+    assert embed(small, beauty_split, cfg, cache)[1] == key
+    cfg2 = cfg.copy()
+    cfg2.fields = ["title"]
+    assert embed(small, beauty_split, cfg2, cache)[1] != key
+    small.fingerprint = "fp2"
+    assert embed(small, beauty_split, cfg, cache)[1] != key
+
+
+def test_model_key_ignores_inference_only_fields(beauty, beauty_split):
+    stages = Stages(beauty, beauty_split, np.zeros((1, 1)), "emb", sids_key="sids")
+    key = model_key(compose(), stages)
+    assert model_key(compose(None, ["generator.beam_width=5"]), stages) == key
+    assert model_key(compose(None, ["trainer.eval_batch_size=64"]), stages) == key
+    assert model_key(compose(None, ["trainer.batch_size=64"]), stages) != key
+    assert model_key(compose(None, ["generator.d_model=64"]), stages) != key
+    assert model_key(compose(None, ["data.max_history=10"]), stages) != key
+    assert model_key(compose(None, ["seed=1"]), stages) != key

@@ -1,0 +1,52 @@
+import pytest
+
+from grid.config import compose
+from grid.errors import GridError
+
+
+def test_defaults_groups_and_overrides(tmp_path):
+    cfg = compose()
+    assert cfg.defaults.tokenizer == "rkmeans" and cfg.tokenizer.levels == 3
+    cfg = compose(None, ["tokenizer.levels=4", "generator=popularity", "seed=7"])
+    assert cfg.tokenizer.levels == 4 and cfg.generator.name == "popularity" and cfg.seed == 7
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("defaults:\n  trainer: gpu\ntokenizer:\n  codebook_size: 64\n")
+    cfg = compose(exp, ["tokenizer.codebook_size=32"])
+    assert cfg.trainer.max_time is None and cfg.tokenizer.codebook_size == 32  # CLI wins
+
+
+def test_resolved_config_reruns_identically(tmp_path):
+    from grid.config import to_yaml
+
+    cfg = compose(None, ["tokenizer.levels=2", "data=movielens"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg))
+    assert compose(saved) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["tokenizer.levls=4"],
+            "unknown config key 'tokenizer.levls'.*did you mean 'tokenizer.levels'",
+        ),
+        (["tokenizer=nope"], "unknown tokenizer 'nope'; available: .*rkmeans"),
+        (["tokenizer.levels=many"], "tokenizer.levels must be of type int"),
+        (["data.sliding_window=3"], "data.sliding_window must be of type bool"),
+        (["tokenizer=rkmeans", "seed"], "not key=value"),
+    ],
+)
+def test_bad_overrides(overrides, message):
+    with pytest.raises(GridError, match=message):
+        compose(None, overrides)
+
+
+def test_bad_experiment_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tokenizer: [unclosed\n")
+    with pytest.raises(GridError, match="invalid YAML"):
+        compose(bad)
+    bad.write_text("defaults:\n  nonsense: x\n")
+    with pytest.raises(GridError, match="unknown config group 'nonsense'"):
+        compose(bad)
