@@ -37,10 +37,13 @@ def _default_out(cfg) -> Path:
 
 def cmd_run(ns: argparse.Namespace) -> None:
     from grid.config import compose
-    from grid.runner import run
 
+    if ns.out:  # whatever fails next, no earlier result may pass for this run's
+        (Path(ns.out) / "metrics.json").unlink(missing_ok=True)
     cfg = compose(*_split_args(ns.args))
     out = Path(ns.out) if ns.out else _default_out(cfg)
+    from grid.runner import run  # torch and Lightning load only once the config is valid
+
     print(f"grid run -> {out}")
     run(cfg, out)
 
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no bar for loading 90 MB
     logging.basicConfig(
         level=logging.INFO if ns.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -77,37 +77,55 @@ def embed(
     return np.load(folder / "embeddings.npy"), key
 
 
-def build_tokenizer(cfg: DictConfig) -> tuple[Tokenizer, str]:
-    """The tokenizer a config describes and its collision strategy."""
+FIT_ITEMS = ("all", "train")
+
+
+def build_tokenizer(cfg: DictConfig) -> tuple[Tokenizer, str, str]:
+    """The tokenizer a config describes, its collision strategy and which items it fits on."""
     kwargs = params(cfg)
     strategy = kwargs.pop("collisions", "dedup")
+    fit_items = kwargs.pop("fit_items", "all")
+    if fit_items not in FIT_ITEMS:
+        raise GridError(f"tokenizer.fit_items={fit_items!r}; choose one of {FIT_ITEMS}")
     tokenizer = component(TOKENIZERS, cfg, "tokenizer")(**kwargs)
     if strategy not in tokenizer.collision_strategies:
         raise GridError(
             f"tokenizer {cfg.name!r} cannot use collisions={strategy!r}; it supports "
             f"{', '.join(tokenizer.collision_strategies)}"
         )
-    return tokenizer, strategy
+    return tokenizer, strategy, fit_items
 
 
 def tokenize(
-    X: np.ndarray, embeddings_key: str, tokenizer_cfg: DictConfig, cache: StageCache
+    X: np.ndarray,
+    embeddings_key: str,
+    tokenizer_cfg: DictConfig,
+    cache: StageCache,
+    train_items: np.ndarray | None = None,
 ) -> tuple[SemanticIDs, str, dict]:
-    """Fit the tokenizer and assign SIDs, cached by (embeddings, tokenizer config)."""
+    """Fit the tokenizer and assign SIDs, cached by (embeddings, tokenizer config).
+
+    With `fit_items: train` the codebooks are fitted on `train_items` (items seen in training
+    sequences) only; every item is encoded.
+    """
     from grid.tokenizers.report import tokenizer_report
 
-    tokenizer, strategy = build_tokenizer(tokenizer_cfg)
+    tokenizer, strategy, fit_items = build_tokenizer(tokenizer_cfg)
     key = stage_key("sids", STAGE_VERSIONS["sids"], embeddings_key, tokenizer_cfg)
 
     def build(folder: Path) -> None:
+        if fit_items == "train" and train_items is None:
+            raise GridError("tokenizer.fit_items=train needs the training split")
         start = time.perf_counter()
-        tokenizer.fit(X)
+        tokenizer.fit(X if fit_items == "all" else X[train_items])
         fit_seconds = time.perf_counter() - start
         start = time.perf_counter()
         codes = tokenizer.encode_balanced(X) if strategy == "balanced" else tokenizer.encode(X)
         encode_seconds = time.perf_counter() - start
         sids = assign_sids(codes, tokenizer.vocab_sizes, strategy, tokenizer.ordered)
-        report = tokenizer_report(tokenizer, X, codes, sids, fit_seconds, encode_seconds)
+        report = tokenizer_report(
+            tokenizer, X, codes, sids, fit_seconds, encode_seconds, collision_strategy=strategy
+        )
         tokenizer.save(folder / "tokenizer.pkl")
         np.savez(
             folder / "sids.npz",
@@ -130,7 +148,8 @@ def prepare(cfg: DictConfig, cache: StageCache, tokenize_items: bool = True) -> 
     X, emb_key = embed(dataset, split, cfg.encoder, cache)
     stages = Stages(dataset, split, X, emb_key)
     if tokenize_items:
+        seen = np.unique(np.concatenate(split.train))
         stages.sids, stages.sids_key, stages.tokenizer_report = tokenize(
-            X, emb_key, cfg.tokenizer, cache
+            X, emb_key, cfg.tokenizer, cache, seen
         )
     return stages

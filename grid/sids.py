@@ -102,6 +102,11 @@ def assign_sids(
         return SemanticIDs(codes, (*vocab_sizes, int(codes[:, -1].max()) + 1), ordered)
     if strategy == "random":
         return SemanticIDs(codes, tuple(vocab_sizes), ordered)
+    if strategy == "balanced":  # the tokenizer already made the codes collision-free
+        sids = SemanticIDs(codes, tuple(vocab_sizes), ordered)
+        if sids.num_unique < sids.num_items:
+            raise GridError("balanced codes still collide; use collisions=dedup")
+        return sids
     raise GridError(
         f"collision strategy {strategy!r} is not available here; choose one of "
         f"{list(COLLISION_STRATEGIES)} that the tokenizer supports"

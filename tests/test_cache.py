@@ -6,6 +6,7 @@ from grid.cache import StageCache
 from grid.config import compose
 from grid.pipeline import Stages, embed, tokenize
 from grid.runner import model_key
+from grid.tokenizers import ResidualKMeans
 
 
 def test_build_failure_leaves_nothing(tmp_path):
@@ -78,3 +79,28 @@ def test_model_key_ignores_inference_only_fields(beauty, beauty_split):
     assert model_key(compose(None, ["generator.d_model=64"]), stages) != key
     assert model_key(compose(None, ["data.max_history=10"]), stages) != key
     assert model_key(compose(None, ["seed=1"]), stages) != key
+
+
+def test_pipeline_balanced_and_train_only_fit(tmp_path, beauty_embeddings):
+    cache = StageCache(tmp_path)
+    X = beauty_embeddings[:3000]
+    cfg = OmegaConf.create(
+        {
+            "name": "rkmeans",
+            "levels": 2,
+            "codebook_size": 256,
+            "niter": 5,
+            "seed": 0,
+            "collisions": "balanced",
+            "fit_items": "all",
+        }
+    )
+    sids, _, report = tokenize(X, "emb", cfg, cache)
+    assert sids.num_unique == sids.num_items == 3000 and sids.length == 2
+    assert report["collision_strategy"] == "balanced"
+    cfg.collisions, cfg.fit_items = "dedup", "train"
+    seen = np.arange(0, 3000, 2)
+    _, key, _ = tokenize(X, "emb", cfg, cache, seen)
+    tokenizer = ResidualKMeans.load(tmp_path / "sids" / key / "tokenizer.pkl")
+    reference = ResidualKMeans(2, 256, niter=5, seed=0).fit(X[seen])
+    np.testing.assert_array_equal(tokenizer.codebooks_[0], reference.codebooks_[0])

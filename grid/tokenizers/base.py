@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pickle
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import faiss
 import numpy as np
+import torch
 
 from grid.errors import GridError
 
@@ -28,6 +32,19 @@ def check_embeddings(X: np.ndarray, dim: int | None = None) -> np.ndarray:
             f"refit it on these embeddings or use the encoder it was fitted with"
         )
     return np.ascontiguousarray(X, dtype=np.float32)
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run faiss and torch on one thread: small ops lose more to thread sync than they gain."""
+    before = faiss.omp_get_max_threads(), torch.get_num_threads()
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before[0])
+        torch.set_num_threads(before[1])
 
 
 class Tokenizer(ABC):
@@ -56,6 +73,25 @@ class Tokenizer(ABC):
 
     def fit_encode(self, X: np.ndarray) -> np.ndarray:
         return self.fit(X).encode(X)
+
+    def encode_balanced(self, X: np.ndarray) -> np.ndarray:
+        """Codes like `encode`, with the last level re-assigned so that no two items collide."""
+        if "balanced" not in self.collision_strategies:
+            raise GridError(
+                f"{type(self).__name__} does not support collisions=balanced; use one of "
+                f"{', '.join(self.collision_strategies)}"
+            )
+        from grid.tokenizers.balanced import balance_last_level
+
+        X = self._check_fitted(X)
+        codes = self.encode(X)
+        return balance_last_level(
+            codes, self.vocab_sizes[-1], lambda items: self._last_level_cost(X[items], codes[items])
+        )
+
+    def _last_level_cost(self, X: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Squared distances `[N, vocab_sizes[-1]]` of the last level's input to its codebook."""
+        raise NotImplementedError
 
     def _check_fitted(self, X: np.ndarray) -> np.ndarray:
         if self.dim_ is None:

@@ -6,6 +6,7 @@ import faiss
 import numpy as np
 
 from grid.errors import GridError
+from grid.tokenizers.balanced import squared_distances
 from grid.tokenizers.base import Tokenizer, check_embeddings
 
 
@@ -26,6 +27,8 @@ class ResidualKMeans(Tokenizer):
     With `normalize_residuals` every level clusters L2-normalised residuals (as in the GRID
     paper's option); codes then capture directions and `reconstruct` is no longer exact.
     """
+
+    collision_strategies = ("dedup", "random", "balanced")
 
     def __init__(
         self,
@@ -84,3 +87,13 @@ class ResidualKMeans(Tokenizer):
 
     def reconstruct(self, codes: np.ndarray) -> np.ndarray:
         return sum(c[codes[:, level]] for level, c in enumerate(self.codebooks_))
+
+    def _last_level_cost(self, X: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        residual = X.copy()
+        for level, centroids in enumerate(self.codebooks_[:-1]):
+            if self.normalize_residuals:
+                residual = _normalize(residual)
+            residual = residual - centroids[codes[:, level]]
+        if self.normalize_residuals:
+            residual = _normalize(residual)
+        return squared_distances(residual, self.codebooks_[-1])
