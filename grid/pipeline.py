@@ -12,6 +12,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from grid.cache import StageCache, stage_key
+from grid.config import load_group
 from grid.data import Dataset, Split, leave_one_out, load_dataset
 from grid.encoders import ENCODERS
 from grid.errors import GridError
@@ -62,7 +63,29 @@ def load_split(data_cfg: DictConfig) -> tuple[Dataset, Split]:
 def embed(
     dataset: Dataset, split: Split, encoder_cfg: DictConfig, cache: StageCache
 ) -> tuple[np.ndarray, str]:
-    """Item embeddings from the configured encoder, cached by (dataset, encoder config)."""
+    """Item embeddings from the configured encoder, cached by (dataset, encoder config).
+
+    `name: concat` joins the embeddings of the encoders listed in `parts` (names of encoder
+    configs, or inline configs; each cached on its own), L2-normalising each part first when
+    `normalize` is set.
+    """
+    if encoder_cfg.name == "concat":
+        parts = [
+            embed(
+                dataset,
+                split,
+                OmegaConf.create(load_group("encoder", p)) if isinstance(p, str) else p,
+                cache,
+            )
+            for p in encoder_cfg.parts
+        ]
+        if encoder_cfg.normalize:
+            parts = [
+                (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), k)
+                for x, k in parts
+            ]
+        key = stage_key("concat", [k for _, k in parts], encoder_cfg.normalize)
+        return np.concatenate([x for x, _ in parts], axis=1), key
     encoder = component(ENCODERS, encoder_cfg, "encoder")(**params(encoder_cfg))
     key = stage_key("embeddings", STAGE_VERSIONS["embeddings"], dataset.fingerprint, encoder_cfg)
 

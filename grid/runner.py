@@ -161,7 +161,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     torch.set_float32_matmul_precision("high")
     generator_cls = component(GENERATORS, cfg.generator, "generator")
     cache = StageCache(os.environ.get("GRID_CACHE", cfg.cache_dir))
-    stages = prepare(cfg, cache, tokenize_items=getattr(generator_cls, "needs_sids", True))
+    stages = prepare(cfg, cache, tokenize_items=generator_cls.needs_sids)
     if stages.tokenizer_report is not None:
         (out / "tokenizer_report.json").write_text(json.dumps(stages.tokenizer_report, indent=2))
     t = cfg.trainer

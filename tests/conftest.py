@@ -31,9 +31,14 @@ def beauty_split(beauty: Dataset) -> Split:
 
 
 @pytest.fixture(scope="session")
-def beauty_embeddings(beauty: Dataset, beauty_split: Split) -> np.ndarray:
+def stage_cache() -> StageCache:
+    """The repository's stage cache, so that embeddings are computed once across test runs."""
+    return StageCache(os.environ.get("GRID_CACHE", ROOT / ".cache" / "grid"))
+
+
+@pytest.fixture(scope="session")
+def beauty_embeddings(beauty: Dataset, beauty_split: Split, stage_cache: StageCache) -> np.ndarray:
     """MiniLM embeddings of all 12,101 Beauty items, computed once and kept in the stage cache."""
     cfg = OmegaConf.load(ROOT / "configs" / "encoder" / "minilm.yaml")
-    cache = StageCache(os.environ.get("GRID_CACHE", ROOT / ".cache" / "grid"))
-    X, _ = embed(beauty, beauty_split, cfg, cache)
+    X, _ = embed(beauty, beauty_split, cfg, stage_cache)
     return X

@@ -104,3 +104,14 @@ def test_pipeline_balanced_and_train_only_fit(tmp_path, beauty_embeddings):
     tokenizer = ResidualKMeans.load(tmp_path / "sids" / key / "tokenizer.pkl")
     reference = ResidualKMeans(2, 256, niter=5, seed=0).fit(X[seen])
     np.testing.assert_array_equal(tokenizer.codebooks_[0], reference.codebooks_[0])
+
+
+def test_concat_encoder_joins_cached_parts(beauty, beauty_split, beauty_embeddings, stage_cache):
+    mf = {"name": "cf", "method": "mf", "dim": 8, "epochs": 1, "seed": 0}
+    cfg = OmegaConf.create({"name": "concat", "parts": ["minilm", mf], "normalize": True})
+    X, key = embed(beauty, beauty_split, cfg, stage_cache)
+    assert X.shape == (beauty.num_items, 384 + 8)
+    np.testing.assert_allclose(X[:, :384], beauty_embeddings, atol=1e-6)  # MiniLM is unit norm
+    np.testing.assert_allclose(np.linalg.norm(X[:, 384:], axis=1), 1.0, atol=1e-5)
+    cfg.parts[1].seed = 1
+    assert embed(beauty, beauty_split, cfg, stage_cache)[1] != key

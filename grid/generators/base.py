@@ -34,6 +34,7 @@ class Recommender(L.LightningModule):
     """
 
     trainable: bool = True
+    needs_sids: bool = True  # False: the runner skips the tokenizer stage
 
     @classmethod
     def build(cls, inputs: PipelineInputs, **params) -> Recommender:
