@@ -91,8 +91,8 @@ def _type_name(value) -> str:
 
 
 def _compatible(old, new) -> bool:
-    if old is None or new is None:
-        return True
+    if old is None or new is None or (isinstance(old, str) and old.startswith("${")):
+        return True  # unset, or an interpolation whose type is known only once resolved
     if isinstance(old, bool) or isinstance(new, bool):
         return isinstance(old, bool) and isinstance(new, bool)
     if isinstance(old, float):

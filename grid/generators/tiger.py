@@ -1,0 +1,514 @@
+"""TIGER: a T5-style transformer that generates the next item's semantic ID code by code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grid.errors import GridError
+from grid.generators.base import PipelineInputs, Recommender
+from grid.generators.beam_search import ConstrainedBeamSearch, ExhaustiveSearch, PrefixTable
+from grid.sids import SemanticIDs
+
+ARCHITECTURES = ("encoder_decoder", "decoder_only")
+DECODINGS = ("constrained", "free", "exhaustive")
+
+
+def cached_attention(q, static=None, dynamic=None):
+    """Attention of beam queries over per-user keys shared by all beams and per-beam keys.
+
+    q `[B, W, t, h, dk]` (beams x new tokens); static `(k, v, keep)`: k, v `[B, h, T, dk]`,
+    keep `[B, T]` bool or None; dynamic `(k, v)` `[B*W, h, S, dk]`, the last t positions the
+    queries' own. Shared keys are never copied per beam: beams fold into the query length.
+    Returns `[B, W, t, h*dk]`.
+    """
+    B, W, t, h, dk = q.shape
+    T = 0
+    parts = []
+    if static is not None:
+        k, v, keep = static
+        T = k.shape[2]
+        s = q.view(B, W * t, h, dk).transpose(1, 2) @ k.transpose(-1, -2)  # [B, h, W*t, T]
+        if keep is not None:
+            s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+        if dynamic is None:
+            p = (s * dk**-0.5).softmax(-1)
+            return (p @ v).transpose(1, 2).reshape(B, W, t, h * dk)
+        parts.append(s.view(B, h, W, t, T).transpose(1, 2).reshape(B * W, h, t, T))
+    k, v = dynamic
+    qd = q.reshape(B * W, t, h, dk).transpose(1, 2)
+    s = qd @ k.transpose(-1, -2)  # [B*W, h, t, S]
+    if t > 1:
+        S = k.shape[2]
+        future = torch.ones(t, S, dtype=torch.bool, device=q.device).triu(S - t + 1)
+        s = s.masked_fill(future, float("-inf"))
+    parts.append(s)
+    p = (torch.cat(parts, dim=-1) * dk**-0.5).softmax(-1)
+    out = p[..., T:] @ v  # [B*W, h, t, dk]
+    if static is not None:
+        ps = p[..., :T].reshape(B, W, h, t, T).transpose(1, 2).reshape(B, h, W * t, T)
+        out = out + (ps @ static[1]).view(B, h, W, t, dk).transpose(1, 2).reshape(B * W, h, t, dk)
+    return out.view(B, W, h, t, dk).transpose(2, 3).reshape(B, W, t, h * dk)
+
+
+@dataclass
+class Layout:
+    """Where packed tokens `[N, d]` sit in a padded `[B, T]` grid, and which keys they see.
+
+    Linear layers run on the packed tokens only; attention runs on the padded grid.
+    """
+
+    B: int
+    T: int
+    index: torch.Tensor | None = None  # flat grid positions of the packed tokens; None: no padding
+    mask: torch.Tensor | None = None  # bool `[B, 1, T or 1, T]`: keys each query may see
+    causal: bool = False
+
+    @classmethod
+    def of(cls, keep: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False):
+        B, T = keep.shape
+        if bool(keep.all()):
+            return cls(B, T, None, mask, causal)
+        index = keep.flatten().nonzero()[:, 0]
+        return cls(B, T, index, keep[:, None, None, :] if mask is None else mask, causal)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return x.view(self.B, self.T, -1)
+        out = x.new_zeros(self.B * self.T, x.shape[-1])
+        return out.index_copy(0, self.index, x).view(self.B, self.T, -1)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(self.B * self.T, -1)
+        return x if self.index is None else x.index_select(0, self.index)
+
+
+def attend(q, k, v, mask=None, causal=False):
+    """Attention `[B, h, Tq, dk]`; mask is bool (True: may attend)."""
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    # CPU flash attention is slow in bf16 (backward above all) at these short lengths
+    s = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if causal:
+        future = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
+        s = s.masked_fill(future, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return s.float().softmax(-1).to(v.dtype) @ v
+
+
+class Attention(nn.Module):
+    """Multi-head attention with T5-style head size (inner dim = heads x head_dim)."""
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, cross: bool):
+        super().__init__()
+        self.heads, self.head_dim, self.cross = heads, head_dim, cross
+        inner = heads * head_dim
+        if cross:
+            self.q = nn.Linear(d_model, inner, bias=False)
+            self.kv = nn.Linear(d_model, 2 * inner, bias=False)
+        else:
+            self.qkv = nn.Linear(d_model, 3 * inner, bias=False)
+        self.out = nn.Linear(inner, d_model, bias=False)
+
+    def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+        # [B, T, n*h*dk] -> n tensors [B, h, T, dk]
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def memory_kv(self, memory: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, ...]:
+        """Keys and values `[B, h, T, dk]` of packed encoder states."""
+        return self._heads(layout.pad(self.kv(memory)), 2)
+
+    def forward(self, x, layout: Layout, memory_kv=None, memory_mask=None):
+        """Attention over packed tokens x `[N, d]`; returns output and padded keys/values."""
+        if self.cross:
+            (q,), (k, v) = self._heads(layout.pad(self.q(x)), 1), memory_kv
+            y = attend(q, k, v, mask=memory_mask)
+        else:
+            q, k, v = self._heads(layout.pad(self.qkv(x)), 3)
+            y = attend(q, k, v, mask=layout.mask, causal=layout.causal)
+        return self.out(layout.pack(y.transpose(1, 2))), k, v
+
+    def step(self, x, static=None, cache=None):
+        """Cached attention for beams x `[B, W, t, d]`; returns output and the grown cache."""
+        B, W, t, _ = x.shape
+        h, dk = self.heads, self.head_dim
+        if self.cross:
+            return self.out(cached_attention(self.q(x).view(B, W, t, h, dk), static=static)), None
+        qkv = self.qkv(x).view(B, W, t, 3, h, dk)
+        k, v = (qkv[:, :, :, i].reshape(B * W, t, h, dk).transpose(1, 2) for i in (1, 2))
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        y = cached_attention(qkv[:, :, :, 0], static=static, dynamic=(k, v))
+        return self.out(y), (k, v)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: self-attention, optional cross-attention, ReLU MLP."""
+
+    def __init__(self, d_model, heads, head_dim, d_ff, dropout, cross):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model, bias=False)
+        self.attn = Attention(d_model, heads, head_dim, cross=False)
+        if cross:
+            self.norm_x = nn.LayerNorm(d_model, bias=False)
+            self.cross = Attention(d_model, heads, head_dim, cross=True)
+        else:
+            self.cross = None
+        self.norm2 = nn.LayerNorm(d_model, bias=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, d_ff, bias=False), nn.ReLU(), nn.Linear(d_ff, d_model, bias=False)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, layout: Layout, memory_kv=None, memory_mask=None):
+        a, k, v = self.attn(self.norm1(x), layout)
+        x = x + self.drop(a)
+        if self.cross is not None:
+            a = self.cross(self.norm_x(x), layout, memory_kv=memory_kv, memory_mask=memory_mask)[0]
+            x = x + self.drop(a)
+        return x + self.drop(self.mlp(self.norm2(x))), k, v
+
+    def step(self, x, self_static=None, cache=None, cross_static=None):
+        a, cache = self.attn.step(self.norm1(x), static=self_static, cache=cache)
+        x = x + a
+        if self.cross is not None:
+            x = x + self.cross.step(self.norm_x(x), static=cross_static)[0]
+        return x + self.mlp(self.norm2(x)), cache
+
+
+def user_bucket(user: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Hash user ids into `buckets` (multiplicative hashing, so neighbouring ids spread out)."""
+    return (user * 2654435761) % (2**32) % buckets
+
+
+class TIGER(Recommender):
+    """Generative retrieval over semantic IDs (Rajput et al., 2023), as configured in GRID.
+
+    The history's items become their SID tokens (each SID position has its own vocabulary slice);
+    the model is trained to emit the next item's SID and decodes with beam search.
+    """
+
+    @classmethod
+    def build(cls, inputs: PipelineInputs, **params) -> TIGER:
+        if inputs.sids is None:
+            raise GridError(
+                "generator=tiger needs semantic IDs: configure a tokenizer stage (e.g. rkmeans)"
+            )
+        return cls(inputs.sids, **params)
+
+    def __init__(
+        self,
+        sids: SemanticIDs,
+        d_model: int = 128,
+        num_heads: int = 6,
+        head_dim: int = 64,
+        d_ff: int = 1024,
+        encoder_layers: int = 4,
+        decoder_layers: int = 4,
+        dropout: float = 0.1,
+        user_tokens: int = 0,
+        architecture: str = "encoder_decoder",
+        max_history: int = 20,
+        lr: float = 5e-4,
+        weight_decay: float = 1e-6,
+        decoding: str = "constrained",
+        beam_width: int = 20,
+        bf16: bool = True,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(sids.num_items, **kwargs)
+        if architecture not in ARCHITECTURES:
+            raise GridError(f"tiger: architecture {architecture!r} is not one of {ARCHITECTURES}")
+        if decoding not in DECODINGS:
+            raise GridError(f"tiger: decoding {decoding!r} is not one of {DECODINGS}")
+        if beam_width < 1 or max_history < 1 or user_tokens < 0:
+            raise GridError("tiger: beam_width and max_history must be >= 1, user_tokens >= 0")
+        self.save_hyperparameters(ignore=["sids"])
+        self.sids, self.architecture, self.decoding = sids, architecture, decoding
+        self.lr, self.weight_decay, self.max_history = lr, weight_decay, max_history
+        self.user_tokens, self.beam_width, self.bf16 = user_tokens, beam_width, bf16
+        L = self.levels = sids.length
+        self.vocab_sizes = sids.vocab_sizes
+        offsets = [0]
+        for v in self.vocab_sizes:
+            offsets.append(offsets[-1] + v)
+        self.offsets = offsets
+        self.pad = offsets[-1] + user_tokens  # user tokens sit between the SID tokens and pad
+        self.bos = self.pad + 1
+        self.register_buffer("item_codes", torch.as_tensor(sids.codes), persistent=False)
+        item_tokens = self.item_codes + torch.tensor(offsets[:-1])
+        item_tokens = torch.cat([item_tokens, torch.full((1, L), self.pad)])  # row -1: padding
+        self.register_buffer("item_tokens", item_tokens, persistent=False)
+        self.register_buffer("unique_codes", torch.as_tensor(sids.unique_codes), persistent=False)
+        self.prefixes = PrefixTable(sids.unique_codes, self.vocab_sizes)
+        self._pick = torch.Generator().manual_seed(seed)
+
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            prompt = (user_tokens > 0) + max_history * L
+            self.embed = nn.Embedding(self.bos + 1, d_model)
+            self.drop = nn.Dropout(dropout)
+            args = (d_model, num_heads, head_dim, d_ff, dropout)
+            if architecture == "encoder_decoder":
+                self.pos = nn.Embedding(prompt, d_model)
+                self.dec_pos = nn.Embedding(L, d_model)
+                self.encoder = nn.ModuleList(
+                    Block(*args, cross=False) for _ in range(encoder_layers)
+                )
+                self.enc_norm = nn.LayerNorm(d_model, bias=False)
+                self.decoder = nn.ModuleList(
+                    Block(*args, cross=True) for _ in range(decoder_layers)
+                )
+            else:
+                self.pos = nn.Embedding(prompt + L, d_model)
+                self.decoder = nn.ModuleList(
+                    Block(*args, cross=False) for _ in range(decoder_layers)
+                )
+            self.dec_norm = nn.LayerNorm(d_model, bias=False)
+            self.head = nn.Linear(d_model, offsets[-1], bias=False)
+            self.apply(self._init)
+        self._invalid = self._decoded = 0
+
+    def _autocast(self):
+        """bf16 matmuls where enabled: on CPUs with bf16 dot products they run ~3x faster."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # --- inputs -------------------------------------------------------------------------------
+
+    def _prompt(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded history tokens `[B, S]` (optionally after a user token) and their count."""
+        history, length = batch["history"], batch["length"]
+        if history.shape[1] > self.max_history:  # keep the most recent items
+            ar = torch.arange(self.max_history, device=history.device)
+            start = (length - self.max_history).clamp(min=0)
+            idx = (start[:, None] + ar).clamp(max=history.shape[1] - 1)
+            length = length.clamp(max=self.max_history)
+            history = history.gather(1, idx).masked_fill(ar >= length[:, None], -1)
+        rows = torch.where(history < 0, self.num_items, history)
+        tokens = self.item_tokens[rows].flatten(1)
+        count = length * self.levels
+        if self.user_tokens:
+            user = self.offsets[-1] + user_bucket(batch["user"], self.user_tokens)
+            tokens = torch.cat([user[:, None], tokens], dim=1)
+            count = count + 1
+        return tokens, count
+
+    def _sid_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes + torch.tensor(self.offsets[:-1], device=codes.device)
+
+    def _level_logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
+        w = self.head.weight[self.offsets[level] : self.offsets[level + 1]]
+        return F.linear(h, w)
+
+    # --- full-sequence forward (training, and the uncached reference) ---------------------------
+
+    def _encode(self, tokens, count):
+        """Packed encoder states `[N, d]` and their layout."""
+        keep = torch.arange(tokens.shape[1], device=tokens.device) < count[:, None]
+        keep[:, 0] = True  # an empty history still attends to something
+        layout = Layout.of(keep)
+        pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        x = self.drop(self.embed(layout.pack(tokens)[:, 0]) + self.pos(layout.pack(pos)[:, 0]))
+        for block in self.encoder:
+            x = block(x, layout)[0]
+        return self.enc_norm(x), layout
+
+    def _run_decoder_only(self, tokens, count, tail):
+        """Run the prompt, right-aligned and followed by `tail` `[B, t]`, through the decoder.
+
+        Returns states `[B, S + t, d]`, each layer's keys/values, the key mask and positions.
+        """
+        B, S = tokens.shape
+        shift = S - count
+        ar = torch.arange(S + tail.shape[1], device=tokens.device)
+        seq = torch.cat([tokens.gather(1, (ar[None, :S] - shift[:, None]) % S), tail], dim=1)
+        pos = (ar[None] - shift[:, None]).clamp(min=0)
+        keep = ar[None] >= shift[:, None]
+        # padded queries see themselves so no softmax row is empty
+        eye = torch.eye(len(ar), dtype=torch.bool, device=ar.device)
+        mask = (ar[:, None] >= ar[None]) & keep[:, None, :] | eye
+        layout = Layout.of(keep, mask=mask[:, None])
+        x = self.drop(self.embed(layout.pack(seq)[:, 0]) + self.pos(layout.pack(pos)[:, 0]))
+        kvs = []
+        for block in self.decoder:
+            x, k, v = block(x, layout)
+            kvs.append((k, v))
+        return layout.pad(self.dec_norm(x)), kvs, keep, pos
+
+    def forward(self, batch: dict[str, torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
+        """Decoder states `[B, L, d]` predicting each level of target `codes` `[B, L]`."""
+        tokens, count = self._prompt(batch)
+        B, L = codes.shape
+        bos = torch.full((B, 1), self.bos, device=codes.device)
+        dec_in = torch.cat([bos, self._sid_tokens(codes)[:, :-1]], dim=1)
+        if self.architecture == "decoder_only":
+            return self._run_decoder_only(tokens, count, dec_in)[0][:, -L:]
+        memory, mem_layout = self._encode(tokens, count)
+        layout = Layout(B, L, causal=True)
+        x = self.drop(self.embed(dec_in) + self.dec_pos.weight).flatten(0, 1)
+        for block in self.decoder:
+            kv = block.cross.memory_kv(memory, mem_layout)
+            x = block(x, layout, memory_kv=kv, memory_mask=mem_layout.mask)[0]
+        return self.dec_norm(x).view(B, L, -1)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean over levels of the cross-entropy within each level's vocabulary."""
+        codes = self.item_codes[batch["target"]]
+        with self._autocast():
+            h = self(batch, codes)
+        losses = [
+            F.cross_entropy(self._level_logits(h[:, level], level), codes[:, level])
+            for level in range(self.levels)
+        ]
+        return sum(losses) / self.levels
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(
+            self.parameters(), lr=self.lr, weight_decay=self.weight_decay, foreach=True
+        )
+
+    @torch.no_grad()
+    def uncached_logprob(self, batch: dict[str, torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
+        """Log-likelihood `[B, C]` of SIDs `codes` `[B, C, L]` by full recomputation (reference)."""
+        B, C, L = codes.shape
+        rep = {k: v.repeat_interleave(C, dim=0) for k, v in batch.items()}
+        flat = codes.reshape(B * C, L)
+        h = self(rep, flat)
+        total = 0
+        for level in range(L):
+            logp = self._level_logits(h[:, level], level).float().log_softmax(-1)
+            total = total + logp.gather(1, flat[:, level : level + 1])[:, 0]
+        return total.view(B, C)
+
+    # --- cached decoding -----------------------------------------------------------------------
+
+    def _start(self, batch: dict[str, torch.Tensor]) -> dict:
+        """Per-user state shared by every beam: encoder keys/values or the prompt's cache."""
+        tokens, count = self._prompt(batch)
+        if self.architecture == "encoder_decoder":
+            memory, layout = self._encode(tokens, count)
+            keep = None if layout.mask is None else layout.mask[:, 0, 0]
+            return {"cross": [(*b.cross.memory_kv(memory, layout), keep) for b in self.decoder]}
+        bos = torch.full_like(tokens[:, :1], self.bos)
+        h, kvs, keep, pos = self._run_decoder_only(tokens, count, bos)
+        # the prompt ends with bos, so its last state already predicts level 0
+        prefix = [(k, v, keep) for k, v in kvs]
+        return {"prefix": prefix, "bos_pos": pos[:, -1], "h0": h[:, -1:, None]}
+
+    def _decode(self, state: dict, tokens: torch.Tensor, start: int, caches: list | None):
+        """States `[B, W, t, d]` for decoder tokens `[B, W, t]` at decoder steps start.. ."""
+        caches = caches or [None] * len(self.decoder)
+        t = tokens.shape[-1]
+        # under autocast keep the beams' residual stream in bf16 too: it halves memory traffic
+        dev = tokens.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        if self.architecture == "encoder_decoder":
+            x = (self.embed(tokens) + self.dec_pos.weight[start : start + t]).to(dtype)
+            for i, block in enumerate(self.decoder):
+                x, caches[i] = block.step(x, cache=caches[i], cross_static=state["cross"][i])
+        else:
+            steps = torch.arange(start, start + t, device=tokens.device)
+            x = (self.embed(tokens) + self.pos(state["bos_pos"][:, None, None] + steps)).to(dtype)
+            for i, block in enumerate(self.decoder):
+                x, caches[i] = block.step(x, self_static=state["prefix"][i], cache=caches[i])
+        return self.dec_norm(x), caches
+
+    def _beam_step(self, state: dict, level: int, codes, parents) -> torch.Tensor:
+        """Log-probs `[B, W, V_level]` for beams whose last code is `codes` `[B, W]`."""
+        caches = state.get("caches")
+        if caches is not None and caches[0] is not None:  # follow the surviving beams
+            rows = parents + torch.arange(len(parents), device=parents.device)[:, None] * (
+                caches[0][0].shape[0] // len(parents)
+            )
+            rows = rows.flatten()
+            caches = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in caches]
+        if self.architecture == "decoder_only":
+            if level == 0:
+                h = state["h0"]
+            else:
+                h, caches = self._decode(
+                    state, (codes + self.offsets[level - 1])[..., None], level, caches
+                )
+        else:
+            if level == 0:
+                B = len(state["cross"][0][0])
+                tokens = torch.full((B, 1, 1), self.bos, device=self.item_tokens.device)
+            else:
+                tokens = (codes + self.offsets[level - 1])[..., None]
+            h, caches = self._decode(state, tokens, level, caches)
+        state["caches"] = caches
+        return self._level_logits(h[:, :, -1], level).float().log_softmax(-1)
+
+    def _score_codes(self, state: dict, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced log-likelihood `[B, C]` of every user for each SID in `codes` `[C, L]`."""
+        C, L = codes.shape
+        tokens = self._sid_tokens(codes)
+        if self.architecture == "encoder_decoder":
+            B = len(state["cross"][0][0])
+            bos = torch.full((C, 1), self.bos, device=codes.device)
+            h, _ = self._decode(state, torch.cat([bos, tokens[:, :-1]], 1).expand(B, C, L), 0, None)
+        else:
+            B = len(state["h0"])
+            h, _ = self._decode(state, tokens[:, :-1].expand(B, C, L - 1), 1, None)
+            h = torch.cat([state["h0"].expand(B, C, 1, -1), h], dim=2)
+        total = 0
+        for level in range(L):
+            logp = self._level_logits(h[:, :, level], level).float().log_softmax(-1)
+            index = codes[:, level].expand(B, C)[..., None]
+            total = total + logp.gather(2, index)[..., 0]
+        return total
+
+    @torch.no_grad()
+    def search(self, batch: dict[str, torch.Tensor], k: int) -> tuple[torch.Tensor, ...]:
+        """Decoded SID groups `[B, W]` (-1: invalid or none) and their log-likelihoods."""
+        with self._autocast():
+            return self._search(batch, k)
+
+    def _search(self, batch, k):
+        state = self._start(batch)
+        if self.decoding == "exhaustive":
+            exhaustive = ExhaustiveSearch(self.unique_codes, chunk=256)
+            return exhaustive.search(lambda codes: self._score_codes(state, codes), k)
+        beams = ConstrainedBeamSearch(
+            self.prefixes, self.beam_width, self.decoding == "constrained"
+        )
+        step = lambda level, codes, parents: self._beam_step(state, level, codes, parents)  # noqa: E731
+        return beams.search(step, len(batch["length"]), device=self.item_tokens.device)
+
+    @torch.no_grad()
+    def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+        groups, scores = self.search(batch, k)
+        real = scores > float("-inf")
+        if self.decoding == "free":
+            self._invalid += int(((groups < 0) & real).sum())
+            self._decoded += int(real.sum())
+        order = torch.argsort((groups < 0).to(torch.uint8), dim=1, stable=True)
+        groups = groups.gather(1, order)[:, :k]
+        if groups.shape[1] < k:
+            groups = F.pad(groups, (0, k - groups.shape[1]), value=-1)
+        return self.sids.pick_items(groups, generator=self._pick)
+
+    def _eval_start(self) -> None:
+        super()._eval_start()
+        self._invalid = self._decoded = 0
+
+    def _eval_end(self, stage: str) -> None:
+        super()._eval_end(stage)
+        if self.decoding == "free":
+            self.log(f"{stage}/invalid_rate", self._invalid / max(self._decoded, 1))
