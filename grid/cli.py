@@ -44,6 +44,9 @@ def cmd_run(ns: argparse.Namespace) -> None:
     out = Path(ns.out) if ns.out else _default_out(cfg)
     from grid.runner import run  # torch and Lightning load only once the config is valid
 
+    if not ns.verbose:  # Lightning sets its loggers to INFO on import
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
     print(f"grid run -> {out}")
     run(cfg, out)
 
@@ -129,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not ns.verbose:
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", module="lightning")
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     try:

@@ -1,5 +1,6 @@
 """Hydra-like config composition on OmegaConf: config groups, experiment files, dotted overrides.
 
+`grid run` without an experiment file composes `experiments/default.yaml`.
 `configs/config.yaml` names a default per group (`defaults: {tokenizer: rkmeans, ...}`); a group
 choice `tokenizer=rqvae` loads `configs/tokenizer/rqvae.yaml` (`encoder=cf:lightgcn` loads
 `configs/encoder/cf/lightgcn.yaml`); `tokenizer.levels=4` overrides one field. An experiment
@@ -20,6 +21,7 @@ from grid.errors import GridError
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ("data", "encoder", "tokenizer", "generator", "trainer")
+DEFAULT_EXPERIMENT = ROOT / "experiments" / "default.yaml"
 
 
 def config_dir() -> Path:
@@ -139,7 +141,10 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def compose(experiment: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
-    """The run config: defaults, then the experiment file, then command-line overrides."""
+    """The run config: group defaults, the experiment file (else the default experiment), then
+    command-line overrides."""
+    if experiment is None and DEFAULT_EXPERIMENT.is_file():
+        experiment = DEFAULT_EXPERIMENT
     base = _load_yaml(config_dir() / "config.yaml")
     choices = dict(base.pop("defaults"))
     fields: list[tuple[str, object, str]] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from grid.generators.base import PipelineInputs, Recommender
 from grid.generators.beam_search import ConstrainedBeamSearch, ExhaustiveSearch, PrefixTable
 from grid.sids import SemanticIDs
 
+LR_DECAYS = ("constant", "cosine")
 ARCHITECTURES = ("encoder_decoder", "decoder_only")
 DECODINGS = ("constrained", "free", "exhaustive")
 
@@ -216,6 +218,8 @@ class TIGER(Recommender):
         max_history: int = 20,
         lr: float = 5e-4,
         weight_decay: float = 1e-6,
+        warmup_steps: int = 0,
+        lr_decay: str = "constant",
         decoding: str = "constrained",
         beam_width: int = 20,
         bf16: bool = True,
@@ -232,6 +236,9 @@ class TIGER(Recommender):
         self.save_hyperparameters(ignore=["sids"])
         self.sids, self.architecture, self.decoding = sids, architecture, decoding
         self.lr, self.weight_decay, self.max_history = lr, weight_decay, max_history
+        if lr_decay not in LR_DECAYS:
+            raise GridError(f"tiger: lr_decay {lr_decay!r} is not one of {LR_DECAYS}")
+        self.warmup_steps, self.lr_decay = warmup_steps, lr_decay
         self.user_tokens, self.beam_width, self.bf16 = user_tokens, beam_width, bf16
         L = self.levels = sids.length
         self.vocab_sizes = sids.vocab_sizes
@@ -379,9 +386,23 @@ class TIGER(Recommender):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(
+        opt = torch.optim.AdamW(
             self.parameters(), lr=self.lr, weight_decay=self.weight_decay, foreach=True
         )
+        if not self.warmup_steps and self.lr_decay == "constant":
+            return opt
+        total = max(self.trainer.estimated_stepping_batches, self.warmup_steps + 1)
+
+        def factor(step: int) -> float:
+            if step < self.warmup_steps:
+                return (step + 1) / self.warmup_steps
+            if self.lr_decay == "cosine":
+                progress = (step - self.warmup_steps) / (total - self.warmup_steps)
+                return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            return 1.0
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     @torch.no_grad()
     def uncached_logprob(self, batch: dict[str, torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
