@@ -142,7 +142,11 @@ def parse_override(text: str) -> tuple[str, object]:
 
 def compose(experiment: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
     """The run config: group defaults, the experiment file (else the default experiment), then
-    command-line overrides."""
+    command-line overrides.
+
+    A command-line group choice that replaces the experiment's also drops the experiment's
+    fields for that group: they were written for the component it replaced.
+    """
     if experiment is None and DEFAULT_EXPERIMENT.is_file():
         experiment = DEFAULT_EXPERIMENT
     base = _load_yaml(config_dir() / "config.yaml")
@@ -155,12 +159,16 @@ def compose(experiment: str | Path | None = None, overrides: list[str] = ()) -> 
                 raise GridError(f"{experiment}: unknown config group {group!r}; groups: {GROUPS}")
             choices[group] = name
         fields += [(k, v, str(experiment)) for k, v in _flatten(exp).items()]
+    replaced = set()
     for text in overrides:
         key, value = parse_override(text)
         if key in GROUPS:
+            if str(value) != str(choices[key]):
+                replaced.add(key)
             choices[key] = str(value)
         else:
             fields.append((key, value, f"override {text!r}"))
+    fields = [f for f in fields if not (f[2] == str(experiment) and f[0].split(".")[0] in replaced)]
     tree = {"defaults": choices, **{g: load_group(g, str(choices[g])) for g in GROUPS}, **base}
     for key, value, source in fields:
         if key.startswith("defaults."):

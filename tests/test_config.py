@@ -50,3 +50,12 @@ def test_bad_experiment_file(tmp_path):
     bad.write_text("defaults:\n  nonsense: x\n")
     with pytest.raises(GridError, match="unknown config group 'nonsense'"):
         compose(bad)
+
+
+def test_group_choice_drops_the_experiment_fields_of_that_group(tmp_path):
+    assert compose().generator.encoder_layers == 2  # the CPU default experiment's TIGER
+    assert compose(None, ["generator=sasrec"]).generator.name == "sasrec"
+    assert compose(None, ["generator=tiger"]).generator.encoder_layers == 2  # same choice: kept
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("defaults:\n  tokenizer: rkmeans\ntokenizer:\n  niter: 3\n")
+    assert compose(exp, ["tokenizer=opq"]).tokenizer.name == "opq"
