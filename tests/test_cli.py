@@ -119,3 +119,36 @@ def test_help_and_config_show():
         text=True,
     )
     assert proc.returncode == 0 and "levels: 5" in proc.stdout
+
+
+REPORT_KEYS = [
+    "collision_rate",
+    "max_collision_group",
+    "independent_coding_rate",
+    "utilization",
+    "perplexity",
+    "gini",
+    "feature_fidelity",
+    "fit_seconds",
+    "encode_seconds",
+    "bits_per_item",
+    "sid_length",
+]
+
+
+def test_tokenize_writes_report_and_compares(small_beauty, cache, tmp_path, capsys):
+    data = [f"data.path={small_beauty}", f"cache_dir={cache}", "data=custom"]
+    out = tmp_path / "tok"
+    args = ["tokenize", *data, "tokenizer=opq", "tokenizer.subspaces=8", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "tokenizer_report.json").read_text())
+    assert all(k in report for k in REPORT_KEYS)
+    assert report["sid_length"] == 9 and len(report["utilization"]) == 8  # 8 codes + de-dup
+    assert (out / "sids.npz").is_file()
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("defaults:\n  tokenizer: rkmeans\ntokenizer:\n  codebook_size: 16\n")
+    b.write_text("defaults:\n  tokenizer: rkmeans\ntokenizer:\n  codebook_size: 32\n")
+    capsys.readouterr()
+    assert main(["tokenize", *data, "--compare", str(a), str(b)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "a" in header.split() and "b" in header.split()
