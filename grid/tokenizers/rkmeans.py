@@ -16,6 +16,13 @@ def _nearest(centroids: np.ndarray, X: np.ndarray) -> np.ndarray:
     return index.search(X, 1)[1][:, 0].astype(np.int64)
 
 
+def _count_distinct(X: np.ndarray, at_least: int) -> int:
+    """Distinct rows of X, counted over a prefix first: exact whenever it is below `at_least`."""
+    rows = np.ascontiguousarray(X).view(np.dtype((np.void, X.dtype.itemsize * X.shape[1])))
+    head = len(np.unique(rows[: 4 * at_least]))
+    return head if head >= at_least else len(np.unique(rows))
+
+
 def _normalize(X: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     return X / np.maximum(norms, 1e-12)
@@ -56,7 +63,7 @@ class ResidualKMeans(Tokenizer):
             if not residual.any():  # already reconstructed exactly: nothing left to cluster
                 centroids = np.zeros((self.codebook_size, self.dim_), dtype=np.float32)
             else:
-                distinct = len(np.unique(residual, axis=0))
+                distinct = _count_distinct(residual, at_least=self.codebook_size)
                 if self.codebook_size > distinct:
                     raise GridError(
                         f"tokenizer.codebook_size={self.codebook_size} exceeds the {distinct} "
