@@ -162,8 +162,11 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     generator_cls = component(GENERATORS, cfg.generator, "generator")
     cache = StageCache(os.environ.get("GRID_CACHE", cfg.cache_dir))
     stages = prepare(cfg, cache, tokenize_items=generator_cls.needs_sids)
+    provenance = {"embeddings": str(cache.path("embeddings", stages.embeddings_key))}
     if stages.tokenizer_report is not None:
         (out / "tokenizer_report.json").write_text(json.dumps(stages.tokenizer_report, indent=2))
+        shutil.copy(cache.path("sids", stages.sids_key) / "sids.npz", out / "sids.npz")
+        provenance["sids"] = str(cache.path("sids", stages.sids_key))
     t = cfg.trainer
     datamodule = SequenceDataModule(
         stages.split,
@@ -186,11 +189,13 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     logger = _logger(cfg, out)
     if model.trainable:
         folder = cache.path("model", model_key(cfg, stages))
+        provenance["model"] = str(folder)
         best = _fit(cfg, model, datamodule, folder, logger)
         model.load_state_dict(
             torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
         )
         shutil.copy(best, out / "model.ckpt")
+    (out / "stages.json").write_text(json.dumps(provenance, indent=2))  # cache folder per stage
     metrics = _evaluate(cfg, model, datamodule, out, logger)
     baseline = (
         metrics

@@ -17,13 +17,7 @@ SMALL = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models gain nothing from a second thread, and lose much when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

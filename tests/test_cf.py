@@ -4,9 +4,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
-from grid.data import Dataset, leave_one_out, load_sequences
+from grid.data import Dataset, leave_one_out
 from grid.encoders import ENCODERS
 from grid.encoders.cf import CollaborativeEncoder, interactions, normalized_adjacency
 
@@ -19,18 +18,7 @@ FAST = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models train faster on one intra-op thread than on a shared two-core box's two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def beauty() -> Dataset:
-    return load_sequences(BEAUTY)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def subset(dataset: Dataset, users: int) -> Dataset:

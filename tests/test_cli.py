@@ -4,7 +4,9 @@ import gzip
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from grid.cli import main
@@ -73,6 +75,9 @@ def test_run_writes_config_and_metrics(small_beauty, cache, tmp_path):
     assert "codebook_size: 16" in (out / "config.yaml").read_text()
     report = json.loads((out / "tokenizer_report.json").read_text())
     assert report["sid_length"] == 3  # two levels + de-dup digit
+    assert np.load(out / "sids.npz")["codes"].shape[1] == 3
+    stages = json.loads((out / "stages.json").read_text())
+    assert all((Path(stages[s]) / "DONE").is_file() for s in ("embeddings", "sids", "model"))
     # rerunning the saved config reuses every stage and reproduces the metrics
     again = tmp_path / "again"
     assert main(["run", str(out / "config.yaml"), "--out", str(again)]) == 0

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from grid.data import SequenceDataModule, leave_one_out, load_sequences, pad
+from grid.data import SequenceDataModule, leave_one_out, pad
 from grid.generators import GENERATORS, PipelineInputs
 from grid.generators.popularity import Popularity
 from grid.generators.sasrec import SASRec
@@ -16,18 +16,7 @@ QUIET = dict(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models train faster on one intra-op thread than on a shared two-core box's two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def beauty():
-    return load_sequences(BEAUTY)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_recommend_is_exact_top_k_of_all_scores(beauty):
