@@ -245,6 +245,19 @@ def pad(histories: list[np.ndarray], width: int | None = None) -> np.ndarray:
     return out
 
 
+def last_items(
+    history: torch.Tensor, length: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each row's `n` most recent items of right-padded histories `[B, T]` (pad: -1)."""
+    if history.shape[1] <= n:
+        return history, length
+    ar = torch.arange(n, device=history.device)
+    start = (length - n).clamp(min=0)
+    idx = (start[:, None] + ar).clamp(max=history.shape[1] - 1)
+    length = length.clamp(max=n)
+    return history.gather(1, idx).masked_fill(ar >= length[:, None], -1), length
+
+
 class SequenceSamples(TorchDataset):
     """(user, history, target) rows; each item of the dataset is one batch-ready dict."""
 

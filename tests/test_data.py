@@ -116,3 +116,12 @@ def test_length_buckets_cover_every_sample_once(beauty_split):
     batch = next(iter(dm.train_dataloader()))
     assert batch["history"].shape[1] == batch["length"].max()
     assert ((batch["history"] >= 0).sum(1) == batch["length"]).all()
+
+
+def test_last_items_keeps_the_most_recent():
+    from grid.data import last_items
+
+    history = torch.tensor([[1, 2, 3, 4, 5], [6, 7, -1, -1, -1]])
+    kept, length = last_items(history, torch.tensor([5, 2]), 3)
+    assert kept.tolist() == [[3, 4, 5], [6, 7, -1]] and length.tolist() == [3, 2]
+    assert last_items(history, torch.tensor([5, 2]), 5)[0] is history

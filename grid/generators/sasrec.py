@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from grid.data import last_items
 from grid.errors import GridError
 from grid.generators.base import Recommender
 from grid.metrics import KS
@@ -79,13 +80,8 @@ class SASRec(Recommender):
 
     def user_state(self, history: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         """Hidden state `[B, hidden]` at the last real position of right-padded histories."""
-        length = length.clamp(min=1)
+        history, length = last_items(history, length.clamp(min=1), self.max_history)
         T = history.shape[1]
-        if self.max_history < T:  # keep each row's last max_history items
-            start = (length - self.max_history).clamp(min=0)
-            idx = start[:, None] + torch.arange(self.max_history, device=history.device)
-            history = history.gather(1, idx.clamp(max=T - 1))
-            length, T = length.clamp(max=self.max_history), self.max_history
         # Positions count back from the most recent item, so it always gets position 0 whatever
         # the history length (what left-padding gives the original SASRec).
         pos = (length[:, None] - 1 - torch.arange(T, device=history.device)).clamp(min=0)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grid.data import last_items
 from grid.errors import GridError
 from grid.generators.base import PipelineInputs, Recommender
 from grid.generators.beam_search import ConstrainedBeamSearch, ExhaustiveSearch, PrefixTable
@@ -295,13 +296,7 @@ class TIGER(Recommender):
 
     def _prompt(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded history tokens `[B, S]` (optionally after a user token) and their count."""
-        history, length = batch["history"], batch["length"]
-        if history.shape[1] > self.max_history:  # keep the most recent items
-            ar = torch.arange(self.max_history, device=history.device)
-            start = (length - self.max_history).clamp(min=0)
-            idx = (start[:, None] + ar).clamp(max=history.shape[1] - 1)
-            length = length.clamp(max=self.max_history)
-            history = history.gather(1, idx).masked_fill(ar >= length[:, None], -1)
+        history, length = last_items(batch["history"], batch["length"], self.max_history)
         rows = torch.where(history < 0, self.num_items, history)
         tokens = self.item_tokens[rows].flatten(1)
         count = length * self.levels
