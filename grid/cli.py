@@ -35,13 +35,40 @@ def _default_out(cfg) -> Path:
     return Path("runs") / f"{stamp}-{cfg.data.name}-{cfg.tokenizer.name}-{cfg.generator.name}"
 
 
+def _writable(folder: Path, what: str, option: str) -> None:
+    """Fail now, before any stage runs, if `folder` cannot be created or written to."""
+    if folder.exists() and not folder.is_dir():
+        raise GridError(f"{what} {folder} is an existing file; point {option} at a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".grid-write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise GridError(
+            f"cannot write to {what} {folder} ({e.strerror}); make it writable or point "
+            f"{option} at another folder"
+        )
+
+
+def _check_folders(cfgs, out: Path | None) -> None:
+    """The output folder and every config's stage cache must be writable."""
+    if out is not None:
+        _writable(out, "the output folder", "--out")
+    option = "GRID_CACHE" if "GRID_CACHE" in os.environ else "cache_dir"
+    for root in {Path(os.environ.get("GRID_CACHE", cfg.cache_dir)) for cfg in cfgs}:
+        _writable(root, "the stage cache", option)
+
+
 def cmd_run(ns: argparse.Namespace) -> None:
     from grid.config import compose
 
-    if ns.out:  # whatever fails next, no earlier result may pass for this run's
+    if ns.out and Path(ns.out).exists():  # no earlier result may pass for this run's
+        _writable(Path(ns.out), "the output folder", "--out")
         (Path(ns.out) / "metrics.json").unlink(missing_ok=True)
     cfg = compose(*_split_args(ns.args))
     out = Path(ns.out) if ns.out else _default_out(cfg)
+    _check_folders([cfg], out)
     from grid.runner import run  # torch and Lightning load only once the config is valid
 
     if not ns.verbose:  # Lightning sets its loggers to INFO on import
@@ -58,12 +85,18 @@ def cmd_config_show(ns: argparse.Namespace) -> None:
 
 
 def cmd_tokenize(ns: argparse.Namespace) -> None:
+    from grid.config import compose
     from grid.tokenize import compare, tokenize_command
 
     if ns.compare:
-        compare(ns.compare, ns.args, ns.out)
+        cfgs = {Path(e).stem: compose(e, ns.args) for e in ns.compare}
     else:
-        tokenize_command(*_split_args(ns.args), ns.out)
+        cfgs = {"": compose(*_split_args(ns.args))}
+    _check_folders(cfgs.values(), Path(ns.out) if ns.out else None)
+    if ns.compare:
+        compare(cfgs, ns.out)
+    else:
+        tokenize_command(cfgs[""], ns.out)
 
 
 def build_parser() -> argparse.ArgumentParser:

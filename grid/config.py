@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -38,6 +39,40 @@ _register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_
 _register("root", _root, replace=True)
 
 
+class Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 numbers: `1e-3` is a float (1.1 reads it as text), `1:30` is text."""
+
+
+Loader.yaml_implicit_resolvers = {
+    first: [
+        (tag, rx) for tag, rx in resolvers if not tag.endswith((":int", ":float", ":timestamp"))
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str):
+    """Parse config YAML (files and override values alike) with the YAML 1.2 number rules."""
+    return yaml.load(text, Loader=Loader)
+
+
 def available(group: str) -> list[str]:
     folder = config_dir() / group
     names = [p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml")]
@@ -46,7 +81,7 @@ def available(group: str) -> list[str]:
 
 def _load_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path.read_text())
     except OSError as e:
         raise GridError(f"cannot read config {path}: {e.strerror}; check the path")
     except yaml.YAMLError as e:
@@ -102,7 +137,18 @@ def _compatible(old, new) -> bool:
     return isinstance(new, type(old)) or (isinstance(old, int) and isinstance(new, int))
 
 
-def _set(tree: dict, dotted: str, value, source: str) -> None:
+def _nullable() -> set[str]:
+    """Keys that may be null: those some config of their group (or config.yaml) sets to null,
+    like `trainer.max_time` (no time limit in `trainer=gpu`) or `tokenizer.pca_dim`."""
+    keys = {k for k, v in _flatten(_load_yaml(config_dir() / "config.yaml")).items() if v is None}
+    for group in GROUPS:
+        for name in available(group):
+            flat = _flatten(load_group(group, name))
+            keys |= {f"{group}.{k}" for k, v in flat.items() if v is None}
+    return keys
+
+
+def _set(tree: dict, dotted: str, value, source: str, nullable: set[str] = frozenset()) -> None:
     """Set an existing key, checking its type; unknown keys get the closest valid one suggested."""
     flat = _flatten(tree)
     parts = dotted.split(".")
@@ -115,6 +161,10 @@ def _set(tree: dict, dotted: str, value, source: str) -> None:
         if i < len(parts) - 1:
             node = node[part]
     old = node[parts[-1]]
+    if value is None and old is not None and dotted not in nullable:
+        raise GridError(
+            f"{dotted} cannot be null ({source}); give a value like its default {old!r}"
+        )
     if isinstance(old, dict) and not isinstance(value, dict):
         raise GridError(f"{dotted} is a section, not a value ({source}); set one of its fields")
     if not isinstance(old, dict) and not _compatible(old, value):
@@ -124,7 +174,7 @@ def _set(tree: dict, dotted: str, value, source: str) -> None:
         )
     if isinstance(old, dict):
         for key, sub in _flatten(value).items():
-            _set(tree, f"{dotted}.{key}", sub, source)
+            _set(tree, f"{dotted}.{key}", sub, source, nullable)
     else:
         node[parts[-1]] = float(value) if isinstance(old, float) and value is not None else value
 
@@ -134,7 +184,7 @@ def parse_override(text: str) -> tuple[str, object]:
         raise GridError(f"override {text!r} is not key=value; e.g. tokenizer=rqvae or seed=1")
     key, _, raw = text.partition("=")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = read_yaml(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -170,17 +220,78 @@ def compose(experiment: str | Path | None = None, overrides: list[str] = ()) -> 
             fields.append((key, value, f"override {text!r}"))
     fields = [f for f in fields if not (f[2] == str(experiment) and f[0].split(".")[0] in replaced)]
     tree = {"defaults": choices, **{g: load_group(g, str(choices[g])) for g in GROUPS}, **base}
+    nullable = _nullable() if any(value is None for _, value, _ in fields) else set()
     for key, value, source in fields:
         if key.startswith("defaults."):
             raise GridError(f"pick a group with {key.split('.', 1)[1]}=NAME, not {key}")
-        _set(tree, key, value, source)
+        _set(tree, key, value, source, nullable)
     cfg = OmegaConf.create(tree)
     try:
         OmegaConf.resolve(cfg)
     except Exception as e:  # interpolation errors name the key already
         raise GridError(f"cannot resolve config: {e}".splitlines()[0])
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        hint = "FOLDER" if key.endswith("path") else "VALUE"
+        raise GridError(f"{key} is not set (??? in its config); add {key}={hint} to the command")
+    _check_max_time(cfg.trainer.get("max_time"))
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def _check_max_time(max_time) -> None:
+    """Lightning parses `trainer.max_time` only once training starts; check its format now."""
+    if max_time is not None and not re.fullmatch(r"\d+:\d\d:\d\d:\d\d", str(max_time).strip()):
+        raise GridError(
+            f"trainer.max_time={max_time!r} is not DD:HH:MM:SS; give e.g. "
+            f"trainer.max_time=00:01:30:00 (90 minutes), or null for no time limit"
+        )
+
+
+_INTERVAL = re.compile(r"([\[(])(.+), (.+)([\])])")
+
+
+def _describe(interval: str) -> str:
+    """`[1, inf)` reads `>= 1`, `(0, inf)` reads `> 0`; a bounded interval stays as written."""
+    low_bracket, low, high, _ = _INTERVAL.fullmatch(interval).groups()
+    if high == "inf":
+        return f"{'>=' if low_bracket == '[' else '>'} {low}"
+    return f"in {interval}"
+
+
+def _inside(value: float, interval: str) -> bool:
+    low_bracket, low, high, high_bracket = _INTERVAL.fullmatch(interval).groups()
+    above = value >= float(low) if low_bracket == "[" else value > float(low)
+    below = value <= float(high) if high_bracket == "]" else value < float(high)
+    return above and below
+
+
+def check_fields(
+    section: str, fields: dict, ranges: dict[str, str], choices: dict[str, tuple] | None = None
+) -> None:
+    """Raise GridError naming the first field outside its choices or its interval (`"[1, inf)"`).
+
+    Fields missing from `fields` or null are skipped; a list is checked element by element.
+    """
+    for field, allowed in (choices or {}).items():
+        if field in fields and fields[field] not in allowed:
+            raise GridError(
+                f"{section}.{field}={fields[field]!r} is not one of {', '.join(allowed)}; "
+                f"pick one of them"
+            )
+    for field, interval in ranges.items():
+        given = fields.get(field)
+        for value in given if isinstance(given, list | tuple) else [given]:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise GridError(
+                    f"{section}.{field}={given!r} must be a number {_describe(interval)}"
+                )
+            if not _inside(value, interval):
+                raise GridError(
+                    f"{section}.{field}={given!r} is out of range; set it to a value "
+                    f"{_describe(interval)}"
+                )
 
 
 def to_yaml(cfg: DictConfig) -> str:

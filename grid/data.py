@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,11 +67,20 @@ def _find(path: Path, stem: str) -> Path:
 
 def _lines(path: Path):
     """Yield (line number, text) of a plain or gzipped text file."""
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                yield number, line.rstrip("\n")
+        if path.suffix == ".gz":  # inflate it all first: damage shows before any line is parsed
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+        text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+        for number, line in enumerate(text, start=1):
+            yield number, line.rstrip("\n")
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise GridError(
+            f"{path} is a truncated or corrupt gzip file ({e}); download it again, or "
+            f"re-compress the original with gzip"
+        )
     except (OSError, UnicodeDecodeError) as e:
         raise GridError(
             f"cannot read {path}: {e}; check the file is UTF-8 text (optionally gzipped)"
@@ -109,8 +120,12 @@ def read_items(path: Path) -> tuple[list[str], list[dict]]:
 
 
 def read_sequences(path: Path, index: dict[str, int]) -> tuple[list[str], list[np.ndarray]]:
-    """Read sequences.tsv as internal ids; every item must be in the catalogue."""
-    users, sequences = [], []
+    """Read sequences.tsv as internal ids; every item must be in the catalogue.
+
+    A user on several lines gets one sequence: each later line continues it, in file order.
+    """
+    chunks: dict[str, list[np.ndarray]] = {}  # users in the order of their first line
+    repeated = 0
     for number, line in _lines(path):
         if not line.strip():
             continue
@@ -127,9 +142,17 @@ def read_sequences(path: Path, index: dict[str, int]) -> tuple[list[str], list[n
             raise GridError(
                 f"{path}:{number}: item {e.args[0]!r} not in items.jsonl; add it there or drop it"
             )
-        users.append(user)
-        sequences.append(seq)
-    return users, sequences
+        repeated += user in chunks
+        chunks.setdefault(user, []).append(seq)
+    if repeated:
+        log.warning(
+            "%s: %d lines repeat an earlier user_id; each continues that user's sequence "
+            "(in file order)",
+            path,
+            repeated,
+        )
+    sequences = [c[0] if len(c) == 1 else np.concatenate(c) for c in chunks.values()]
+    return list(chunks), sequences
 
 
 def _drop_short(name: str, users: list[str], sequences: list[np.ndarray]):

@@ -110,7 +110,9 @@ def build_tokenizer(cfg: DictConfig) -> tuple[Tokenizer, str, str]:
     fit_items = kwargs.pop("fit_items", "all")
     if fit_items not in FIT_ITEMS:
         raise GridError(f"tokenizer.fit_items={fit_items!r}; choose one of {FIT_ITEMS}")
-    tokenizer = component(TOKENIZERS, cfg, "tokenizer")(**kwargs)
+    tokenizer_cls = component(TOKENIZERS, cfg, "tokenizer")
+    tokenizer_cls.check_params(**kwargs)
+    tokenizer = tokenizer_cls(**kwargs)
     if strategy not in tokenizer.collision_strategies:
         raise GridError(
             f"tokenizer {cfg.name!r} cannot use collisions={strategy!r}; it supports "
@@ -165,9 +167,23 @@ def tokenize(
     return sids, key, json.loads((folder / "tokenizer_report.json").read_text())
 
 
-def prepare(cfg: DictConfig, cache: StageCache, tokenize_items: bool = True) -> Stages:
-    """Run (or reuse) the data, encoder and tokenizer stages of a composed run config."""
+def prepare(
+    cfg: DictConfig, cache: StageCache, tokenize_items: bool = True, min_items: int = 1
+) -> Stages:
+    """Run (or reuse) the data, encoder and tokenizer stages of a composed run config.
+
+    The tokenizer config is checked before any stage runs; a catalogue of fewer than `min_items`
+    items (the largest K of the metrics) is refused.
+    """
+    if tokenize_items:
+        build_tokenizer(cfg.tokenizer)
     dataset, split = load_split(cfg.data)
+    if dataset.num_items < min_items:
+        raise GridError(
+            f"the {dataset.name} catalogue has {dataset.num_items} items, fewer than the largest "
+            f"K={min_items}, so Recall/NDCG@{min_items} would be meaningless; use a dataset of at "
+            f"least {min_items} items"
+        )
     X, emb_key = embed(dataset, split, cfg.encoder, cache)
     stages = Stages(dataset, split, X, emb_key)
     if tokenize_items:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from grid.config import to_yaml
 from grid.data import SequenceDataModule
 from grid.errors import GridError
 from grid.generators import GENERATORS, PipelineInputs, Popularity, Recommender
+from grid.metrics import KS
 from grid.pipeline import Stages, component, params, prepare
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,11 @@ def _logger(cfg: DictConfig, out: Path):
     if kind == "csv":
         return L.pytorch.loggers.CSVLogger(out, name="logs", version="")
     if kind == "wandb":
+        if importlib.util.find_spec("wandb") is None:
+            raise GridError(
+                "trainer.logger=wandb needs the wandb package: pip install wandb "
+                "(or set trainer.logger=csv)"
+            )
         from lightning.pytorch.loggers import WandbLogger
 
         offline = not os.environ.get("WANDB_API_KEY")
@@ -160,8 +167,10 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     L.seed_everything(cfg.seed, verbose=False)
     torch.set_float32_matmul_precision("high")
     generator_cls = component(GENERATORS, cfg.generator, "generator")
+    generator_cls.check_params(**params(cfg.generator))  # before the costly stages
+    logger = _logger(cfg, out)
     cache = StageCache(os.environ.get("GRID_CACHE", cfg.cache_dir))
-    stages = prepare(cfg, cache, tokenize_items=generator_cls.needs_sids)
+    stages = prepare(cfg, cache, tokenize_items=generator_cls.needs_sids, min_items=max(KS))
     provenance = {"embeddings": str(cache.path("embeddings", stages.embeddings_key))}
     if stages.tokenizer_report is not None:
         (out / "tokenizer_report.json").write_text(json.dumps(stages.tokenizer_report, indent=2))
@@ -186,7 +195,6 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         stages.embeddings,
     )
     model = generator_cls.build(inputs, **params(cfg.generator))
-    logger = _logger(cfg, out)
     if model.trainable:
         folder = cache.path("model", model_key(cfg, stages))
         provenance["model"] = str(folder)

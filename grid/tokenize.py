@@ -7,23 +7,23 @@ import os
 import shutil
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from grid.cache import StageCache
-from grid.config import compose
 from grid.pipeline import prepare
 
 
-def _report(experiment: str | None, overrides: list[str]) -> tuple[dict, Path]:
-    cfg = compose(experiment, overrides)
+def _report(cfg: DictConfig) -> tuple[dict, Path]:
     cache = StageCache(os.environ.get("GRID_CACHE", cfg.cache_dir))
     stages = prepare(cfg, cache)
     return stages.tokenizer_report, cache.path("sids", stages.sids_key)
 
 
-def tokenize_command(experiment: str | None, overrides: list[str], out: str | None) -> dict:
-    """Print the report of one tokenizer; with `out`, write it and the SIDs there."""
+def tokenize_command(cfg: DictConfig, out: str | None) -> dict:
+    """Print the report of one composed config's tokenizer; with `out`, write it and the SIDs."""
     from grid.tokenizers.report import format_report
 
-    report, folder = _report(experiment, overrides)
+    report, folder = _report(cfg)
     print(format_report(report))
     if out:
         out = Path(out)
@@ -34,11 +34,11 @@ def tokenize_command(experiment: str | None, overrides: list[str], out: str | No
     return report
 
 
-def compare(experiments: list[str], overrides: list[str], out: str | None) -> dict[str, dict]:
-    """Reports of several experiment files side by side."""
+def compare(cfgs: dict[str, DictConfig], out: str | None) -> dict[str, dict]:
+    """Reports of several composed configs (by name) side by side."""
     from grid.tokenizers.report import format_comparison
 
-    reports = {Path(e).stem: _report(e, overrides)[0] for e in experiments}
+    reports = {name: _report(cfg)[0] for name, cfg in cfgs.items()}
     print(format_comparison(reports))
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,125 @@ def test_tokenize_writes_report_and_compares(small_beauty, cache, tmp_path, caps
     assert main(["tokenize", *data, "--compare", str(a), str(b)]) == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert "a" in header.split() and "b" in header.split()
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """An empty stage cache and an output folder holding a stale metrics.json."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    monkeypatch.setenv("GRID_CACHE", str(cache))
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    return cache, out
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def two_item_data(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "items.jsonl").write_text('{"item_id": "a"}\n{"item_id": "b"}\n')
+    (folder / "sequences.tsv").write_text("u1\ta b a b\nu2\tb a b a\n")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tokenizer.levels=0"], "tokenizer.levels=0 is out of range; set it to a value >= 1"),
+        (["tokenizer.codebook_size=-5"], "tokenizer.codebook_size=-5 is out of range"),
+        (["generator.beam_width=0"], "generator.beam_width=0 is out of range"),
+        (["generator.decoding=greedy"], "generator.decoding='greedy' is not one of"),
+        (["tokenizer.levels=null"], "tokenizer.levels cannot be null"),
+        (["trainer.max_time=soon"], "trainer.max_time='soon' is not DD:HH:MM:SS"),
+        (["data=custom"], "data.path is not set (??? in its config); add data.path=FOLDER"),
+        (["data=custom", "data.path=TWO", "generator=popularity"], "has 2 items, fewer than"),
+        (["data=custom", "data.path=TWO"], "has 2 items, fewer than the largest K=20"),
+    ],
+)
+def test_bad_input_fails_before_any_stage(isolated, tmp_path, capsys, args, message):
+    cache, out = isolated
+    two = two_item_data(tmp_path / "two")
+    args = [a.replace("TWO", str(two)) for a in args]
+    assert main(["run", *args, "--out", str(out)]) == 2
+    assert message in one_error_line(capsys)
+    assert not (out / "metrics.json").exists()
+    assert not (cache / "embeddings").exists()  # reported before the encoder ran
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_data_file(small_beauty, isolated, tmp_path, capsys, damage):
+    cache, out = isolated
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "items.jsonl").write_text((small_beauty / "items.jsonl").read_text())
+    data = gzip.compress((small_beauty / "sequences.tsv").read_bytes())
+    cut = len(data) // 2
+    data = data[:cut] if damage == "truncated" else data[:cut] + b"\x00" * 16 + data[cut + 16 :]
+    (folder / "sequences.tsv.gz").write_bytes(data)
+    assert main(["run", "data=custom", f"data.path={folder}", "--out", str(out)]) == 2
+    line = one_error_line(capsys)
+    assert f"{folder / 'sequences.tsv.gz'} is a truncated or corrupt gzip file" in line
+    assert "download it again" in line and not (out / "metrics.json").exists()
+
+
+def test_wandb_logger_without_wandb(isolated, monkeypatch, capsys):
+    cache, out = isolated
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now fails as if not installed
+    assert main(["run", "trainer.logger=wandb", "--out", str(out)]) == 2
+    assert "trainer.logger=wandb needs the wandb package: pip install wandb" in one_error_line(
+        capsys
+    )
+    assert not (out / "metrics.json").exists() and not (cache / "embeddings").exists()
+
+
+def test_out_is_a_file(isolated, tmp_path, capsys):
+    out = tmp_path / "results.txt"
+    out.write_text("keep me")
+    assert main(["run", "--out", str(out)]) == 2
+    assert f"the output folder {out} is an existing file; point --out at a folder" in (
+        one_error_line(capsys)
+    )
+    assert out.read_text() == "keep me"
+    assert main(["tokenize", "--out", str(out / "sub")]) == 2
+    assert f"cannot write to the output folder {out / 'sub'} (Not a directory)" in (
+        one_error_line(capsys)
+    )
+
+
+@pytest.fixture
+def read_only():
+    """Make folders unwritable: chmod, and for root (whom chmod does not stop) chattr +i."""
+    folders = []
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(exist_ok=True)
+        folder.chmod(0o555)
+        folders.append(folder)
+        if os.access(folder, os.W_OK):
+            done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+            if done.returncode:
+                pytest.skip("cannot make a folder read-only for this user")
+        return folder
+
+    yield make
+    for folder in folders:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", ["run", "tokenize"])
+def test_read_only_out_or_cache(isolated, read_only, tmp_path, monkeypatch, capsys, command):
+    cache, out = isolated
+    read_only(out)
+    assert main([command, "--out", str(out)]) == 2
+    assert f"cannot write to the output folder {out} (" in one_error_line(capsys)
+    assert (out / "metrics.json").read_text() == "{}"  # could not be removed, but no run wrote it
+    read_only(cache)
+    assert main([command, "--out", str(tmp_path / "elsewhere")]) == 2
+    line = one_error_line(capsys)
+    assert f"cannot write to the stage cache {cache} (" in line and "point GRID_CACHE at" in line
+    assert not list(cache.iterdir())

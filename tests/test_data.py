@@ -125,3 +125,38 @@ def test_last_items_keeps_the_most_recent():
     kept, length = last_items(history, torch.tensor([5, 2]), 3)
     assert kept.tolist() == [[3, 4, 5], [6, 7, -1]] and length.tolist() == [3, 2]
     assert last_items(history, torch.tensor([5, 2]), 5)[0] is history
+
+
+def _gz_variants(data: bytes) -> dict[str, bytes]:
+    corrupt = bytearray(data)
+    corrupt[len(data) // 2 : len(data) // 2 + 8] = b"\xff" * 8  # damage the deflate stream
+    return {
+        "truncated": data[: len(data) // 2],  # EOFError
+        "corrupt": bytes(corrupt),  # zlib.error or a CRC mismatch
+        "not gzip": b"u1\ti0 i1 i2\n",  # gzip.BadGzipFile
+    }
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "not gzip"])
+@pytest.mark.parametrize("stem", ["sequences.tsv", "items.jsonl"])
+def test_damaged_gzip_names_the_file(tmp_path, damage, stem):
+    items = [{"item_id": f"i{k}", "title": "a rather long title " * 20} for k in range(200)]
+    seqs = [f"u{u}\t" + " ".join(f"i{(u * 7 + t) % 200}" for t in range(30)) for u in range(200)]
+    folder = write(tmp_path, seqs, items, gz=True)
+    path = folder / f"{stem}.gz"
+    path.write_bytes(_gz_variants(path.read_bytes())[damage])
+    with pytest.raises(GridError, match=rf"^{path} is a truncated or corrupt gzip file .*download"):
+        load_sequences(folder)
+
+
+def test_repeated_user_lines_continue_the_sequence(tmp_path, caplog):
+    items = [{"item_id": f"i{k}"} for k in range(6)]
+    lines = ["u1\ti0 i1", "u2\ti2 i3 i4", "u1\ti2 i3", "u3\ti5 i4 i3", "u1\ti5"]
+    with caplog.at_level(logging.WARNING):
+        ds = load_sequences(write(tmp_path, lines, items))
+    assert ds.users == ["u1", "u2", "u3"]
+    assert ds.sequences[0].tolist() == [0, 1, 2, 3, 5]  # lines 1, 3 and 5, in file order
+    assert [r.getMessage() for r in caplog.records if "repeat" in r.getMessage()] == [
+        f"{tmp_path / 'sequences.tsv'}: 2 lines repeat an earlier user_id; each continues that "
+        "user's sequence (in file order)"
+    ]

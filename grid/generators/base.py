@@ -37,6 +37,11 @@ class Recommender(L.LightningModule):
     needs_sids: bool = True  # False: the runner skips the tokenizer stage
 
     @classmethod
+    def check_params(cls, **params) -> None:
+        """Raise GridError naming the first invalid field of the generator config's `params`;
+        the runner calls it before the costly stages. No checks by default."""
+
+    @classmethod
     def build(cls, inputs: PipelineInputs, **params) -> Recommender:
         """Construct from the pipeline's inputs and the generator config's fields."""
         return cls(num_items=inputs.num_items, **params)

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from grid.config import check_fields
 from grid.data import last_items
 from grid.errors import GridError
 from grid.generators.base import Recommender
@@ -35,10 +36,30 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
+PARAM_RANGES = {
+    "hidden": "[1, inf)",
+    "blocks": "[1, inf)",
+    "heads": "[1, inf)",
+    "dropout": "[0, 1)",
+    "max_history": "[1, inf)",
+    "lr": "(0, inf)",
+    "weight_decay": "[0, inf)",
+}
+
+
 class SASRec(Recommender):
     """Self-attentive sequential recommender; scores all items as user state · item embedding."""
 
     needs_sids = False
+
+    @classmethod
+    def check_params(cls, **params) -> None:
+        check_fields("generator", params, PARAM_RANGES)
+        if "hidden" in params and "heads" in params and params["hidden"] % params["heads"]:
+            raise GridError(
+                f"generator.hidden={params['hidden']} is not divisible by "
+                f"generator.heads={params['heads']}; choose heads that divide hidden"
+            )
 
     def __init__(
         self,
@@ -52,9 +73,16 @@ class SASRec(Recommender):
         weight_decay: float = 0.0,
         ks: tuple[int, ...] = KS,
     ):
+        self.check_params(
+            hidden=hidden,
+            blocks=blocks,
+            heads=heads,
+            dropout=dropout,
+            max_history=max_history,
+            lr=lr,
+            weight_decay=weight_decay,
+        )
         super().__init__(num_items, ks)
-        if hidden % heads:
-            raise GridError(f"sasrec hidden={hidden} must be divisible by heads={heads}")
         self.save_hyperparameters()
         self.max_history, self.lr, self.weight_decay = max_history, lr, weight_decay
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=num_items)  # last row: pad

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grid.config import check_fields
 from grid.data import last_items
 from grid.errors import GridError
 from grid.generators.base import PipelineInputs, Recommender
@@ -18,6 +19,22 @@ from grid.sids import SemanticIDs
 LR_DECAYS = ("constant", "cosine")
 ARCHITECTURES = ("encoder_decoder", "decoder_only")
 DECODINGS = ("constrained", "free", "exhaustive")
+PARAM_CHOICES = {"architecture": ARCHITECTURES, "decoding": DECODINGS, "lr_decay": LR_DECAYS}
+PARAM_RANGES = {
+    "d_model": "[1, inf)",
+    "num_heads": "[1, inf)",
+    "head_dim": "[1, inf)",
+    "d_ff": "[1, inf)",
+    "encoder_layers": "[0, inf)",
+    "decoder_layers": "[1, inf)",
+    "dropout": "[0, 1)",
+    "user_tokens": "[0, inf)",
+    "max_history": "[1, inf)",
+    "lr": "(0, inf)",
+    "weight_decay": "[0, inf)",
+    "warmup_steps": "[0, inf)",
+    "beam_width": "[1, inf)",
+}
 
 
 def cached_attention(q, static=None, dynamic=None):
@@ -197,6 +214,10 @@ class TIGER(Recommender):
     """
 
     @classmethod
+    def check_params(cls, **params) -> None:
+        check_fields("generator", params, PARAM_RANGES, PARAM_CHOICES)
+
+    @classmethod
     def build(cls, inputs: PipelineInputs, **params) -> TIGER:
         if inputs.sids is None:
             raise GridError(
@@ -227,18 +248,28 @@ class TIGER(Recommender):
         seed: int = 0,
         **kwargs,
     ):
+        self.check_params(
+            d_model=d_model,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            d_ff=d_ff,
+            encoder_layers=encoder_layers,
+            decoder_layers=decoder_layers,
+            dropout=dropout,
+            user_tokens=user_tokens,
+            architecture=architecture,
+            max_history=max_history,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            lr_decay=lr_decay,
+            decoding=decoding,
+            beam_width=beam_width,
+        )
         super().__init__(sids.num_items, **kwargs)
-        if architecture not in ARCHITECTURES:
-            raise GridError(f"tiger: architecture {architecture!r} is not one of {ARCHITECTURES}")
-        if decoding not in DECODINGS:
-            raise GridError(f"tiger: decoding {decoding!r} is not one of {DECODINGS}")
-        if beam_width < 1 or max_history < 1 or user_tokens < 0:
-            raise GridError("tiger: beam_width and max_history must be >= 1, user_tokens >= 0")
         self.save_hyperparameters(ignore=["sids"])
         self.sids, self.architecture, self.decoding = sids, architecture, decoding
         self.lr, self.weight_decay, self.max_history = lr, weight_decay, max_history
-        if lr_decay not in LR_DECAYS:
-            raise GridError(f"tiger: lr_decay {lr_decay!r} is not one of {LR_DECAYS}")
         self.warmup_steps, self.lr_decay = warmup_steps, lr_decay
         self.user_tokens, self.beam_width, self.bf16 = user_tokens, beam_width, bf16
         L = self.levels = sids.length

@@ -12,6 +12,7 @@ import faiss
 import numpy as np
 import torch
 
+from grid.config import check_fields
 from grid.errors import GridError
 
 
@@ -47,12 +48,39 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(before[1])
 
 
+# Valid values of the fields tokenizers share, checked before any fitting; each tokenizer's fit
+# checks what depends on the data (codebook_size against the number of items, ...).
+PARAM_RANGES = {
+    "levels": "[1, inf)",
+    "codebook_size": "[1, inf)",
+    "subspaces": "[1, inf)",
+    "latent_dim": "[1, inf)",
+    "hidden": "[1, inf)",
+    "pca_dim": "[1, inf)",
+    "epochs": "[1, inf)",
+    "batch_size": "[1, inf)",
+    "niter": "[1, inf)",
+    "kmeans_iters": "[1, inf)",
+    "opq_iters": "[0, inf)",
+    "init_items": "[1, inf)",
+    "reinit_every": "[1, inf)",
+    "lr": "(0, inf)",
+    "beta": "[0, inf)",
+    "mask_ratio": "[0, 1)",
+}
+
+
 class Tokenizer(ABC):
     """Fits on item embeddings `[N, D]`, then encodes each item as `length` discrete codes."""
 
     ordered: bool = True  # False: the codes form an unordered set (OPQ)
     collision_strategies: tuple[str, ...] = ("dedup", "random")
     dim_: int | None = None
+
+    @classmethod
+    def check_params(cls, **params) -> None:
+        """Raise GridError naming the first constructor field outside its valid range."""
+        check_fields("tokenizer", params, PARAM_RANGES)
 
     @property
     @abstractmethod
