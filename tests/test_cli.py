@@ -176,31 +176,38 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
-def two_item_data(folder: Path) -> Path:
+def catalogue(folder: Path, items: int) -> Path:
+    """A dataset of `items` items and as many users of 5 interactions each."""
     folder.mkdir()
-    (folder / "items.jsonl").write_text('{"item_id": "a"}\n{"item_id": "b"}\n')
-    (folder / "sequences.tsv").write_text("u1\ta b a b\nu2\tb a b a\n")
+    lines = [json.dumps({"item_id": f"i{k}", "title": f"lipstick shade {k}"}) for k in range(items)]
+    (folder / "items.jsonl").write_text("\n".join(lines) + "\n")
+    seqs = [f"u{u}\t" + " ".join(f"i{(u + t) % items}" for t in range(5)) for u in range(items)]
+    (folder / "sequences.tsv").write_text("\n".join(seqs) + "\n")
     return folder
+
+
+TINY, TWO = ["data=custom", "data.path=TINY"], ["data=custom", "data.path=TWO"]
+FEWER_THAN_K = "the custom catalogue has 2 items, fewer than the largest K=20"
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["tokenizer.levels=0"], "tokenizer.levels=0 is out of range; set it to a value >= 1"),
-        (["tokenizer.codebook_size=-5"], "tokenizer.codebook_size=-5 is out of range"),
-        (["generator.beam_width=0"], "generator.beam_width=0 is out of range"),
-        (["generator.decoding=greedy"], "generator.decoding='greedy' is not one of"),
-        (["tokenizer.levels=null"], "tokenizer.levels cannot be null"),
-        (["trainer.max_time=soon"], "trainer.max_time='soon' is not DD:HH:MM:SS"),
+        ([*TINY, "tokenizer.levels=0"], "tokenizer.levels=0 is out of range; set it to a value"),
+        ([*TINY, "tokenizer.codebook_size=-5"], "tokenizer.codebook_size=-5 is out of range"),
+        ([*TINY, "generator.beam_width=0"], "generator.beam_width=0 is out of range"),
+        ([*TINY, "generator.decoding=greedy"], "generator.decoding='greedy' is not one of"),
+        ([*TINY, "tokenizer.levels=null"], "tokenizer.levels cannot be null"),
+        ([*TINY, "trainer.max_time=soon"], "trainer.max_time='soon' is not DD:HH:MM:SS"),
         (["data=custom"], "data.path is not set (??? in its config); add data.path=FOLDER"),
-        (["data=custom", "data.path=TWO", "generator=popularity"], "has 2 items, fewer than"),
-        (["data=custom", "data.path=TWO"], "has 2 items, fewer than the largest K=20"),
+        ([*TWO, "generator=popularity"], FEWER_THAN_K),
+        (TWO, FEWER_THAN_K),
     ],
 )
 def test_bad_input_fails_before_any_stage(isolated, tmp_path, capsys, args, message):
     cache, out = isolated
-    two = two_item_data(tmp_path / "two")
-    args = [a.replace("TWO", str(two)) for a in args]
+    folders = {"TINY": catalogue(tmp_path / "tiny", 30), "TWO": catalogue(tmp_path / "two", 2)}
+    args = [f"data.path={folders[a[10:]]}" if a[10:] in folders else a for a in args]
     assert main(["run", *args, "--out", str(out)]) == 2
     assert message in one_error_line(capsys)
     assert not (out / "metrics.json").exists()
@@ -223,10 +230,11 @@ def test_damaged_data_file(small_beauty, isolated, tmp_path, capsys, damage):
     assert "download it again" in line and not (out / "metrics.json").exists()
 
 
-def test_wandb_logger_without_wandb(isolated, monkeypatch, capsys):
+def test_wandb_logger_without_wandb(isolated, tmp_path, monkeypatch, capsys):
     cache, out = isolated
+    data = ["data=custom", f"data.path={catalogue(tmp_path / 'tiny', 30)}"]
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now fails as if not installed
-    assert main(["run", "trainer.logger=wandb", "--out", str(out)]) == 2
+    assert main(["run", *data, "trainer.logger=wandb", "--out", str(out)]) == 2
     assert "trainer.logger=wandb needs the wandb package: pip install wandb" in one_error_line(
         capsys
     )
@@ -234,14 +242,15 @@ def test_wandb_logger_without_wandb(isolated, monkeypatch, capsys):
 
 
 def test_out_is_a_file(isolated, tmp_path, capsys):
+    data = ["data=custom", f"data.path={catalogue(tmp_path / 'tiny', 30)}"]
     out = tmp_path / "results.txt"
     out.write_text("keep me")
-    assert main(["run", "--out", str(out)]) == 2
+    assert main(["run", *data, "--out", str(out)]) == 2
     assert f"the output folder {out} is an existing file; point --out at a folder" in (
         one_error_line(capsys)
     )
     assert out.read_text() == "keep me"
-    assert main(["tokenize", "--out", str(out / "sub")]) == 2
+    assert main(["tokenize", *data, "--out", str(out / "sub")]) == 2
     assert f"cannot write to the output folder {out / 'sub'} (Not a directory)" in (
         one_error_line(capsys)
     )
@@ -271,12 +280,13 @@ def read_only():
 @pytest.mark.parametrize("command", ["run", "tokenize"])
 def test_read_only_out_or_cache(isolated, read_only, tmp_path, monkeypatch, capsys, command):
     cache, out = isolated
+    data = ["data=custom", f"data.path={catalogue(tmp_path / 'tiny', 30)}"]
     read_only(out)
-    assert main([command, "--out", str(out)]) == 2
+    assert main([command, *data, "--out", str(out)]) == 2
     assert f"cannot write to the output folder {out} (" in one_error_line(capsys)
     assert (out / "metrics.json").read_text() == "{}"  # could not be removed, but no run wrote it
     read_only(cache)
-    assert main([command, "--out", str(tmp_path / "elsewhere")]) == 2
+    assert main([command, *data, "--out", str(tmp_path / "elsewhere")]) == 2
     line = one_error_line(capsys)
     assert f"cannot write to the stage cache {cache} (" in line and "point GRID_CACHE at" in line
     assert not list(cache.iterdir())
