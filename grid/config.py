@@ -5,7 +5,8 @@
 choice `tokenizer=rqvae` loads `configs/tokenizer/rqvae.yaml` (`encoder=cf:lightgcn` loads
 `configs/encoder/cf/lightgcn.yaml`); `tokenizer.levels=4` overrides one field. An experiment
 YAML may pick groups under `defaults:` and override fields with nested keys. Every override
-must name an existing key with a value of the same type.
+must name an existing key with a value of the same type, null only where some config of the group
+sets that key to null. Numbers follow YAML 1.2: `1e-3` is a float.
 """
 
 from __future__ import annotations
@@ -230,8 +231,9 @@ def compose(experiment: str | Path | None = None, overrides: list[str] = ()) -> 
         OmegaConf.resolve(cfg)
     except Exception as e:  # interpolation errors name the key already
         raise GridError(f"cannot resolve config: {e}".splitlines()[0])
-    for key in sorted(OmegaConf.missing_keys(cfg)):
-        hint = "FOLDER" if key.endswith("path") else "VALUE"
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key, hint = missing[0], "FOLDER" if missing[0].endswith("path") else "VALUE"
         raise GridError(f"{key} is not set (??? in its config); add {key}={hint} to the command")
     _check_max_time(cfg.trainer.get("max_time"))
     OmegaConf.set_struct(cfg, True)
