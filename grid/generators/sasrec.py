@@ -38,7 +38,7 @@ class Block(nn.Module):
 class SASRec(Recommender):
     """Self-attentive sequential recommender; scores all items as user state · item embedding."""
 
-    needs_sids = False
+    consumes = frozenset()
 
     def __init__(
         self,

@@ -196,6 +196,8 @@ class TIGER(Recommender):
     the model is trained to emit the next item's SID and decodes with beam search.
     """
 
+    consumes = frozenset({"sids"})
+
     @classmethod
     def build(cls, inputs: PipelineInputs, **params) -> TIGER:
         if inputs.sids is None:
