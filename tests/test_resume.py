@@ -102,8 +102,12 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(
     assert not (out / "metrics.json").exists()
     (folder,) = (p for p in (tmp_path / "cache_b" / "model").iterdir() if p.is_dir())
     assert not (folder / "DONE").exists()
-    n = seen["batches"]
-    assert checkpoint(folder / "last.ckpt")["global_step"] == n + n // 2
+    n, last = seen["batches"], checkpoint(folder / "last.ckpt")
+    assert last["global_step"] == n + n // 2
+    # Lightning set the sampler's epoch and saved its position in it
+    assert last["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "position": n // 2}
+    ]
 
     monkeypatch.setattr(SASRec, "training_step", train_step)
     assert main([*args, "--out", str(out)]) == 0
