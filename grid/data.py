@@ -342,17 +342,13 @@ class BucketLoader(DataLoader):
     """A DataLoader of a LengthBucketSampler's batches; Lightning saves and restores its position
     in checkpoints (a DataLoader with `state_dict` is what Lightning treats as resumable)."""
 
-    def __init__(self, data: SequenceSamples, sampler: LengthBucketSampler):
+    def __init__(self, dataset: SequenceSamples, sampler: LengthBucketSampler, **kwargs):
         # batch_size=None: the sampler yields whole batches, and Lightning finds it as `.sampler`
         # to call set_epoch on (it does not look at a custom `batch_sampler`). Its own generator:
         # each new iterator draws a seed from it, which must not shift the global RNG (dropout).
-        super().__init__(
-            data,
-            sampler=sampler,
-            batch_size=None,
-            collate_fn=data.collate,
-            generator=torch.Generator(),
-        )
+        # **kwargs: what Lightning passes when it re-creates the loader with a DDP sampler.
+        kwargs = {"batch_size": None, "collate_fn": dataset.collate, **kwargs}
+        super().__init__(dataset, sampler=sampler, generator=torch.Generator(), **kwargs)
 
     # Under DDP Lightning wraps the sampler in a distributed one, which has no position to keep.
     def state_dict(self) -> dict[str, int]:
@@ -396,7 +392,8 @@ class SequenceDataModule(L.LightningDataModule):
     def _loader(self, data: SequenceSamples, train: bool) -> DataLoader:
         size = self.batch_size if train else self.eval_batch_size
         pool = 64 if self.bucket else 1
-        return BucketLoader(data, LengthBucketSampler(data.lengths, size, train, self.seed, pool))
+        sampler = LengthBucketSampler(data.lengths, size, train, self.seed, pool)
+        return BucketLoader(data, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

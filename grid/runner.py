@@ -8,6 +8,8 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -120,6 +122,23 @@ class RandomState(Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def _interruptible(trainer: L.Trainer) -> Iterator[None]:
+    """Raise KeyboardInterrupt for a Ctrl-C that Lightning handled itself (it stops gracefully,
+    then exits with 1 and ignores further Ctrl-C)."""
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+    finally:
+        if signal.getsignal(signal.SIGINT) is not sigint:
+            signal.signal(signal.SIGINT, sigint)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+
+
 def _fit(cfg: DictConfig, model: Recommender, datamodule, folder: Path, logger) -> Path:
     """Train into `folder`, resuming from last.ckpt if a previous run stopped before the end.
 
@@ -148,17 +167,8 @@ def _fit(cfg: DictConfig, model: Recommender, datamodule, folder: Path, logger) 
         RandomState(),
     ]
     trainer = _trainer(cfg, folder, callbacks, logger)
-    sigint = signal.getsignal(signal.SIGINT)
-    try:
+    with _interruptible(trainer):
         trainer.fit(model, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
-    except SystemExit:  # how Lightning ends a fit it stopped on Ctrl-C
-        if not trainer.interrupted:
-            raise
-    finally:
-        if sigint is not None:  # Lightning ignores Ctrl-C from then on
-            signal.signal(signal.SIGINT, sigint)
-    if trainer.interrupted:
-        raise KeyboardInterrupt
     if not best.is_file():  # no validation ran (e.g. a tiny step budget): keep the final weights
         trainer.save_checkpoint(best)
     (folder / "DONE").write_text("")
@@ -169,8 +179,9 @@ def _evaluate(
     cfg: DictConfig, model: Recommender, datamodule: SequenceDataModule, out: Path, logger
 ) -> dict[str, float]:
     trainer = _trainer(cfg, out, logger=logger)
-    valid = trainer.validate(model, dataloaders=datamodule.full_val_dataloader(), verbose=False)
-    test = trainer.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
+    with _interruptible(trainer):
+        valid = trainer.validate(model, dataloaders=datamodule.full_val_dataloader(), verbose=False)
+        test = trainer.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
     return {k: float(v) for k, v in {**valid[0], **test[0]}.items()}
 
 
@@ -238,7 +249,8 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         key = model_key(cfg, stages)
         folder = cache.path("model", key)
         provenance["model"] = str(folder)
-        with cache.locked("model", key):  # one process trains a key; the others wait, then reuse
+        # One process trains a key, the others wait and reuse it; a finished one needs no lock.
+        with nullcontext() if cache.done("model", key) else cache.locked("model", key):
             best = _fit(cfg, model, datamodule, folder, logger)
         model.load_state_dict(
             torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
