@@ -311,34 +311,75 @@ class LengthBucketSampler(Sampler):
     """Batches of similar history length, so padding to the batch's longest costs little.
 
     Indices are shuffled, cut into pools of `pool` batches, sorted by length inside a pool and
-    batched; the batch order is shuffled again. Without `shuffle` it sorts the whole set.
+    batched; the batch order is shuffled again (`pool=1`: plain random batches). Without
+    `shuffle` it sorts the whole set.
+    The order depends on the seed and the epoch that `set_epoch` sets (Lightning calls it);
+    `state_dict` holds the position in it, so a resumed run continues where it stopped.
     """
 
     def __init__(
         self, lengths: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0, pool: int = 64
     ):
         self.lengths, self.batch_size, self.shuffle = lengths, batch_size, shuffle
-        self.seed, self.pool, self.epoch = seed, pool, 0
+        self.seed, self.pool = seed, pool
+        self.epoch, self.position, self.resume_at = 0, 0, 0
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
 
-    def __iter__(self):
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.resume_at = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and how many of its batches were handed out."""
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Make the next pass start after the batches `state` says were handed out."""
+        self.epoch, self.resume_at = state["epoch"], state["position"]
+
+    def _batches(self) -> list[torch.Tensor]:
         n, b = len(self.lengths), self.batch_size
         if not self.shuffle:
             order = torch.argsort(self.lengths, stable=True)
-            yield from (order[i : i + b].tolist() for i in range(0, n, b))
-            return
+            return [order[i : i + b] for i in range(0, n, b)]
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
         perm = torch.randperm(n, generator=g)
         batches = []
         for start in range(0, n, b * self.pool):
             chunk = perm[start : start + b * self.pool]
             chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
             batches += [chunk[i : i + b] for i in range(0, len(chunk), b)]
-        for k in torch.randperm(len(batches), generator=g).tolist():
-            yield batches[k].tolist()
+        return [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __iter__(self):
+        batches = self._batches()
+        start, self.resume_at = self.resume_at, 0
+        for i in range(start, len(batches)):
+            self.position = i + 1
+            yield batches[i].tolist()
+
+
+class BucketLoader(DataLoader):
+    """A DataLoader of a LengthBucketSampler's batches; Lightning saves and restores its position
+    in checkpoints (a DataLoader with `state_dict` is what Lightning treats as resumable)."""
+
+    def __init__(self, dataset: SequenceSamples, sampler: LengthBucketSampler, **kwargs):
+        # batch_size=None: the sampler yields whole batches, and Lightning finds it as `.sampler`
+        # to call set_epoch on (it does not look at a custom `batch_sampler`). Its own generator:
+        # each new iterator draws a seed from it, which must not shift the global RNG (dropout).
+        # **kwargs: what Lightning passes when it re-creates the loader with a DDP sampler.
+        kwargs = {"batch_size": None, "collate_fn": dataset.collate, **kwargs}
+        super().__init__(dataset, sampler=sampler, generator=torch.Generator(), **kwargs)
+
+    # Under DDP Lightning wraps the sampler in a distributed one, which has no position to keep.
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict() if isinstance(self.sampler, LengthBucketSampler) else {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state and isinstance(self.sampler, LengthBucketSampler):
+            self.sampler.load_state_dict(state)
 
 
 class SequenceDataModule(L.LightningDataModule):
@@ -372,17 +413,10 @@ class SequenceDataModule(L.LightningDataModule):
         self.test_set = SequenceSamples(np.arange(n), *split.test)
 
     def _loader(self, data: SequenceSamples, train: bool) -> DataLoader:
-        if train and not self.bucket:
-            return DataLoader(
-                data,
-                batch_size=self.batch_size,
-                shuffle=True,
-                collate_fn=data.collate,
-                generator=torch.Generator().manual_seed(self.seed),
-            )
         size = self.batch_size if train else self.eval_batch_size
-        sampler = LengthBucketSampler(data.lengths, size, shuffle=train, seed=self.seed)
-        return DataLoader(data, batch_sampler=sampler, collate_fn=data.collate)
+        pool = 64 if self.bucket else 1
+        sampler = LengthBucketSampler(data.lengths, size, train, self.seed, pool)
+        return BucketLoader(data, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -42,17 +42,25 @@ def component(registry: dict, cfg: DictConfig, group: str):
     return registry[cfg.name]
 
 
+# The stage outputs a generator can consume (`Recommender.consumes`).
+STAGE_OUTPUTS = frozenset({"embeddings", "sids"})
+
+
 @dataclass
 class Stages:
-    """Everything the generator stage needs, with each stage's cache key."""
+    """Everything the generator stage needs, with each stage's cache key (None: not run)."""
 
     dataset: Dataset
     split: Split
-    embeddings: np.ndarray
-    embeddings_key: str
+    embeddings: np.ndarray | None = None
+    embeddings_key: str | None = None
     sids: SemanticIDs | None = None
     sids_key: str | None = None
     tokenizer_report: dict | None = None
+
+    def key(self, output: str) -> str | None:
+        """The cache key of a stage output named as in `Recommender.consumes`."""
+        return getattr(self, f"{output}_key")
 
 
 def load_split(data_cfg: DictConfig) -> tuple[Dataset, Split]:
@@ -168,14 +176,19 @@ def tokenize(
 
 
 def prepare(
-    cfg: DictConfig, cache: StageCache, tokenize_items: bool = True, min_items: int = 1
+    cfg: DictConfig,
+    cache: StageCache,
+    consumes: frozenset[str] = frozenset({"sids"}),
+    min_items: int = 1,
 ) -> Stages:
-    """Run (or reuse) the data, encoder and tokenizer stages of a composed run config.
+    """Run (or reuse) the data stage and the stages that produce `consumes`, with their inputs.
 
     The tokenizer config is checked before any stage runs; a catalogue of fewer than `min_items`
     items (the largest K of the metrics) is refused.
     """
-    if tokenize_items:
+    if unknown := consumes - STAGE_OUTPUTS:
+        raise GridError(f"no stage produces {sorted(unknown)}; stages: {sorted(STAGE_OUTPUTS)}")
+    if "sids" in consumes:
         build_tokenizer(cfg.tokenizer)
     dataset, split = load_split(cfg.data)
     if dataset.num_items < min_items:
@@ -184,11 +197,12 @@ def prepare(
             f"K={min_items}, so Recall/NDCG@{min_items} would be meaningless; use a dataset of at "
             f"least {min_items} items"
         )
-    X, emb_key = embed(dataset, split, cfg.encoder, cache)
-    stages = Stages(dataset, split, X, emb_key)
-    if tokenize_items:
+    stages = Stages(dataset, split)
+    if consumes & {"embeddings", "sids"}:
+        stages.embeddings, stages.embeddings_key = embed(dataset, split, cfg.encoder, cache)
+    if "sids" in consumes:
         seen = np.unique(np.concatenate(split.train))
         stages.sids, stages.sids_key, stages.tokenizer_report = tokenize(
-            X, emb_key, cfg.tokenizer, cache, seen
+            stages.embeddings, stages.embeddings_key, cfg.tokenizer, cache, seen
         )
     return stages

@@ -7,12 +7,15 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from grid.cache import StageCache, stage_key
@@ -29,6 +32,17 @@ log = logging.getLogger(__name__)
 INFERENCE_FIELDS = ("decoding", "beam_width")
 TRAINER_EVAL_FIELDS = ("eval_batch_size", "logger", "wandb_project", "progress_bar")
 MODEL_STAGE_VERSION = 1
+# What a run writes to its folder: a later run in the same folder removes these (and only these).
+RUN_FILES = (
+    "config.yaml",
+    "metrics.json",
+    "stages.json",
+    "model.ckpt",
+    "sids.npz",
+    "tokenizer_report.json",
+    "logs/metrics.csv",
+    "logs/hparams.yaml",
+)
 
 
 def _logger(cfg: DictConfig, out: Path):
@@ -56,13 +70,15 @@ def _logger(cfg: DictConfig, out: Path):
 
 
 def model_key(cfg: DictConfig, stages: Stages) -> str:
-    """Cache key of a trained model: upstream SIDs, data, generator and training settings."""
+    """Cache key of a trained model: the stage outputs its generator consumes, data, generator
+    and training settings."""
     data = {k: v for k, v in OmegaConf.to_container(cfg.data).items() if k != "path"}
     generator = {k: v for k, v in params(cfg.generator).items() if k not in INFERENCE_FIELDS}
     trainer = {
         k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if k not in TRAINER_EVAL_FIELDS
     }
-    upstream = stages.sids_key or stages.embeddings_key
+    consumes = component(GENERATORS, cfg.generator, "generator").consumes
+    upstream = {name: stages.key(name) for name in sorted(consumes)}
     return stage_key(
         "model",
         MODEL_STAGE_VERSION,
@@ -97,9 +113,47 @@ def _trainer(cfg: DictConfig, out: Path, callbacks=(), logger=False) -> L.Traine
     )
 
 
+class RandomState(Callback):
+    """Keeps the RNG states (dropout) in checkpoints, which Lightning does not, so that a resumed
+    run draws what the uninterrupted one would have drawn."""
+
+    def state_dict(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def _interruptible(trainer: L.Trainer) -> Iterator[None]:
+    """Raise KeyboardInterrupt for a Ctrl-C that Lightning handled itself (it stops gracefully,
+    then exits with 1 and ignores further Ctrl-C)."""
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+    finally:
+        if signal.getsignal(signal.SIGINT) is not sigint:
+            signal.signal(signal.SIGINT, sigint)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+
+
 def _fit(cfg: DictConfig, model: Recommender, datamodule, folder: Path, logger) -> Path:
-    """Train into `folder` (resuming from last.ckpt if a previous run was interrupted)."""
-    best = folder / "best.ckpt"
+    """Train into `folder`, resuming from last.ckpt if a previous run stopped before the end.
+
+    Call it holding the folder's cache lock. last.ckpt is the whole state (weights, optimizer,
+    loop and batch position, RNG) at the latest validation, so a resumed run equals an
+    uninterrupted one.
+    """
+    best, last = folder / "best.ckpt", folder / "last.ckpt"
     if (folder / "DONE").is_file() and best.is_file():
         log.info("trained model %s found in the cache: skipping training", folder.name)
         return best
@@ -112,16 +166,16 @@ def _fit(cfg: DictConfig, model: Recommender, datamodule, folder: Path, logger) 
             monitor=monitor,
             mode="max",
             save_top_k=1,
-            save_last=True,
             enable_version_counter=False,
         ),
+        # No monitor: saved at every validation, improved or not (save_last is not).
+        ModelCheckpoint(dirpath=folder, filename="last", enable_version_counter=False),
         EarlyStopping(monitor=monitor, mode="max", patience=cfg.trainer.patience),
+        RandomState(),
     ]
     trainer = _trainer(cfg, folder, callbacks, logger)
-    last = folder / "last.ckpt"
-    trainer.fit(model, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
-    if trainer.interrupted:
-        raise GridError(f"training interrupted; run the same command again to resume from {last}")
+    with _interruptible(trainer):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
     if not best.is_file():  # no validation ran (e.g. a tiny step budget): keep the final weights
         trainer.save_checkpoint(best)
     (folder / "DONE").write_text("")
@@ -132,8 +186,9 @@ def _evaluate(
     cfg: DictConfig, model: Recommender, datamodule: SequenceDataModule, out: Path, logger
 ) -> dict[str, float]:
     trainer = _trainer(cfg, out, logger=logger)
-    valid = trainer.validate(model, dataloaders=datamodule.full_val_dataloader(), verbose=False)
-    test = trainer.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
+    with _interruptible(trainer):
+        valid = trainer.validate(model, dataloaders=datamodule.full_val_dataloader(), verbose=False)
+        test = trainer.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
     return {k: float(v) for k, v in {**valid[0], **test[0]}.items()}
 
 
@@ -161,7 +216,8 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     """Run the pipeline of a composed config; write config.yaml, metrics.json and stage outputs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)  # never leave a stale result beside new output
+    for name in RUN_FILES:  # an earlier run's outputs must not pass for this run's
+        (out / name).unlink(missing_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     start = time.perf_counter()
     L.seed_everything(cfg.seed, verbose=False)
@@ -170,8 +226,10 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     generator_cls.check_params(**params(cfg.generator))  # before the costly stages
     logger = _logger(cfg, out)
     cache = StageCache(os.environ.get("GRID_CACHE", cfg.cache_dir))
-    stages = prepare(cfg, cache, tokenize_items=generator_cls.needs_sids, min_items=max(KS))
-    provenance = {"embeddings": str(cache.path("embeddings", stages.embeddings_key))}
+    stages = prepare(cfg, cache, generator_cls.consumes, min_items=max(KS))
+    provenance = {}  # cache folder per stage
+    if stages.embeddings_key is not None:
+        provenance["embeddings"] = str(cache.path("embeddings", stages.embeddings_key))
     if stages.tokenizer_report is not None:
         (out / "tokenizer_report.json").write_text(json.dumps(stages.tokenizer_report, indent=2))
         shutil.copy(cache.path("sids", stages.sids_key) / "sids.npz", out / "sids.npz")
@@ -196,14 +254,17 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     )
     model = generator_cls.build(inputs, **params(cfg.generator))
     if model.trainable:
-        folder = cache.path("model", model_key(cfg, stages))
+        key = model_key(cfg, stages)
+        folder = cache.path("model", key)
         provenance["model"] = str(folder)
-        best = _fit(cfg, model, datamodule, folder, logger)
+        # One process trains a key, the others wait and reuse it; a finished one needs no lock.
+        with nullcontext() if cache.done("model", key) else cache.locked("model", key):
+            best = _fit(cfg, model, datamodule, folder, logger)
         model.load_state_dict(
             torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
         )
         shutil.copy(best, out / "model.ckpt")
-    (out / "stages.json").write_text(json.dumps(provenance, indent=2))  # cache folder per stage
+    (out / "stages.json").write_text(json.dumps(provenance, indent=2))
     metrics = _evaluate(cfg, model, datamodule, out, logger)
     baseline = (
         metrics

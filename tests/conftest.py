@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 from pathlib import Path
 
@@ -52,3 +54,17 @@ def beauty_embeddings(beauty: Dataset, beauty_split: Split, stage_cache: StageCa
     cfg = OmegaConf.load(ROOT / "configs" / "encoder" / "minilm.yaml")
     X, _ = embed(beauty, beauty_split, cfg, stage_cache)
     return X
+
+
+@pytest.fixture(scope="session")
+def small_beauty(tmp_path_factory):
+    """The first 400 Beauty users and the items they touch, in the plain format."""
+    folder = tmp_path_factory.mktemp("small_beauty")
+    with gzip.open(BEAUTY / "sequences.tsv.gz", "rt") as f:
+        lines = [next(f) for _ in range(400)]
+    used = {i for line in lines for i in line.split("\t")[1].split()}
+    with gzip.open(BEAUTY / "items.jsonl.gz", "rt") as f:
+        items = [line for line in f if json.loads(line)["item_id"] in used]
+    (folder / "sequences.tsv").write_text("".join(lines))
+    (folder / "items.jsonl").write_text("".join(items))
+    return folder

@@ -12,8 +12,6 @@ import pytest
 
 from grid.cli import main
 
-from .conftest import BEAUTY
-
 KEYS = [
     f"{split}/{m}@{k}"
     for split in ("valid", "test")
@@ -21,20 +19,6 @@ KEYS = [
     for k in (1, 5, 10, 20)
 ]
 KEYS += ["infer/seconds", "infer/ms_per_user", "infer/users_per_s"]
-
-
-@pytest.fixture(scope="module")
-def small_beauty(tmp_path_factory):
-    """The first 400 Beauty users and the items they touch, in the plain format."""
-    folder = tmp_path_factory.mktemp("small_beauty")
-    with gzip.open(BEAUTY / "sequences.tsv.gz", "rt") as f:
-        lines = [next(f) for _ in range(400)]
-    used = {i for line in lines for i in line.split("\t")[1].split()}
-    with gzip.open(BEAUTY / "items.jsonl.gz", "rt") as f:
-        items = [line for line in f if json.loads(line)["item_id"] in used]
-    (folder / "sequences.tsv").write_text("".join(lines))
-    (folder / "items.jsonl").write_text("".join(items))
-    return folder
 
 
 @pytest.fixture(scope="module")

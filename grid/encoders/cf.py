@@ -7,9 +7,15 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from grid.data import Dataset, LengthBucketSampler, SequenceSamples, Split, training_samples
+from grid.data import (
+    BucketLoader,
+    Dataset,
+    LengthBucketSampler,
+    SequenceSamples,
+    Split,
+    training_samples,
+)
 from grid.encoders.base import Encoder
 from grid.errors import GridError
 from grid.generators.sasrec import SASRec
@@ -165,7 +171,7 @@ class CollaborativeEncoder(Encoder):
         """Train SASRec on sliding-window training samples; return its item embedding table."""
         data = SequenceSamples(*training_samples(train, self.max_history))
         sampler = LengthBucketSampler(data.lengths, self.batch_size, shuffle=True, seed=self.seed)
-        loader = DataLoader(data, batch_sampler=sampler, collate_fn=data.collate)
+        loader = BucketLoader(data, sampler)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = SASRec(

@@ -34,7 +34,8 @@ class Recommender(L.LightningModule):
     """
 
     trainable: bool = True
-    needs_sids: bool = True  # False: the runner skips the tokenizer stage
+    # The stage outputs ("embeddings", "sids") it reads: only these stages run and key the model.
+    consumes: frozenset[str] = frozenset({"sids"})
 
     @classmethod
     def check_params(cls, **params) -> None:

@@ -12,7 +12,7 @@ class Popularity(Recommender):
     """Ranks items by their number of training interactions."""
 
     trainable = False
-    needs_sids = False
+    consumes = frozenset()
 
     @classmethod
     def build(cls, inputs: PipelineInputs, **params) -> Popularity:

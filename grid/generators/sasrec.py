@@ -50,7 +50,7 @@ PARAM_RANGES = {
 class SASRec(Recommender):
     """Self-attentive sequential recommender; scores all items as user state · item embedding."""
 
-    needs_sids = False
+    consumes = frozenset()
 
     @classmethod
     def check_params(cls, **params) -> None:

@@ -213,6 +213,8 @@ class TIGER(Recommender):
     the model is trained to emit the next item's SID and decodes with beam search.
     """
 
+    consumes = frozenset({"sids"})
+
     @classmethod
     def check_params(cls, **params) -> None:
         check_fields("generator", params, PARAM_RANGES, PARAM_CHOICES)
