@@ -122,14 +122,14 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(
 def test_last_checkpoint_is_the_latest_state_and_out_holds_one_run(
     small_beauty, tmp_path, monkeypatch
 ):
-    """With lr=0 only the first validation is a best; last.ckpt still follows every one."""
+    """With lr=1e-12 only the first validation is a best; last.ckpt still follows every one."""
     monkeypatch.setenv("GRID_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     out.mkdir()
     for stale in ("sids.npz", "tokenizer_report.json", "model.ckpt"):  # an earlier TIGER run's
         (out / stale).write_text("stale")
     (out / "notes.txt").write_text("mine")
-    args = sasrec(small_beauty, "generator.lr=0", "trainer.max_epochs=1")
+    args = sasrec(small_beauty, "generator.lr=1e-12", "trainer.max_epochs=1")
     assert main(["run", *args, "--out", str(out)]) == 0
     folder = model_folder(out)
     best, last = checkpoint(folder / "best.ckpt"), checkpoint(folder / "last.ckpt")
