@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # Generator fields that change only inference, so a sweep over them reuses one trained model.
 INFERENCE_FIELDS = ("decoding", "beam_width")
 TRAINER_EVAL_FIELDS = ("eval_batch_size", "logger", "wandb_project", "progress_bar")
-MODEL_STAGE_VERSION = 1
+MODEL_STAGE_VERSION = 2  # 2: selection decodes with the generator's fixed selection setting
 
 
 def _logger(cfg: DictConfig, out: Path):
@@ -121,6 +121,20 @@ def _fit(cfg: DictConfig, model: Recommender, datamodule, folder: Path, logger) 
     return best
 
 
+def _selection(cfg: DictConfig, model: Recommender, val_users: int, checkpoint: dict) -> dict:
+    """How the checkpoint in use was chosen: monitor, validation users, decoding, best score."""
+    states = checkpoint.get("callbacks", {})
+    score = next((s["best_model_score"] for k, s in states.items() if "ModelCheckpoint" in k), None)
+    return {
+        "monitor": cfg.trainer.monitor,
+        "val_users": val_users,
+        "decoding": model.selection_decoding(),  # null: the generator's configured recommend
+        "best_score": None if score is None else float(score),  # null: no validation ran
+        "global_step": checkpoint.get("global_step"),
+        "epoch": checkpoint.get("epoch"),
+    }
+
+
 def _evaluate(
     cfg: DictConfig, model: Recommender, datamodule: SequenceDataModule, out: Path, logger
 ) -> dict[str, float]:
@@ -155,6 +169,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)  # never leave a stale result beside new output
+    (out / "selection.json").unlink(missing_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     start = time.perf_counter()
     L.seed_everything(cfg.seed, verbose=False)
@@ -191,10 +206,11 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         folder = cache.path("model", model_key(cfg, stages))
         provenance["model"] = str(folder)
         best = _fit(cfg, model, datamodule, folder, logger)
-        model.load_state_dict(
-            torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        )
+        checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+        model.load_state_dict(checkpoint["state_dict"])
         shutil.copy(best, out / "model.ckpt")
+        selection = _selection(cfg, model, len(datamodule.valid_set), checkpoint)
+        (out / "selection.json").write_text(json.dumps(selection, indent=2))
     (out / "stages.json").write_text(json.dumps(provenance, indent=2))  # cache folder per stage
     metrics = _evaluate(cfg, model, datamodule, out, logger)
     baseline = (

@@ -13,6 +13,7 @@ from grid.data import last_items
 from grid.errors import GridError
 from grid.generators.base import PipelineInputs, Recommender
 from grid.generators.beam_search import ConstrainedBeamSearch, ExhaustiveSearch, PrefixTable
+from grid.metrics import KS
 from grid.sids import SemanticIDs
 
 LR_DECAYS = ("constant", "cosine")
@@ -234,6 +235,12 @@ class TIGER(Recommender):
             raise GridError(f"tiger: decoding {decoding!r} is not one of {DECODINGS}")
         if beam_width < 1 or max_history < 1 or user_tokens < 0:
             raise GridError("tiger: beam_width and max_history must be >= 1, user_tokens >= 0")
+        largest_k = max(kwargs.get("ks", KS))
+        if decoding != "exhaustive" and beam_width < largest_k:
+            raise GridError(
+                f"generator.beam_width={beam_width} is smaller than the largest K ({largest_k}) "
+                f"of Recall/NDCG@K: set beam_width >= {largest_k}"
+            )
         self.save_hyperparameters(ignore=["sids"])
         self.sids, self.architecture, self.decoding = sids, architecture, decoding
         self.lr, self.weight_decay, self.max_history = lr, weight_decay, max_history
@@ -255,7 +262,8 @@ class TIGER(Recommender):
         self.register_buffer("item_tokens", item_tokens, persistent=False)
         self.register_buffer("unique_codes", torch.as_tensor(sids.unique_codes), persistent=False)
         self.prefixes = PrefixTable(sids.unique_codes, self.vocab_sizes)
-        self._pick = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self._pick = torch.Generator().manual_seed(seed)  # reseeded by every evaluation
 
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -496,14 +504,25 @@ class TIGER(Recommender):
         with self._autocast():
             return self._search(batch, k)
 
+    def selection_decoding(self) -> dict:
+        """Model selection decodes with one fixed setting, so the cached model never depends on
+        the inference-only `decoding` and `beam_width`."""
+        return {"decoding": "constrained", "beam_width": max(self.ks)}
+
+    def _decoding(self) -> tuple[str, int]:
+        """The (decoding, beam width) in force: the selection setting while selecting."""
+        if self.selecting:
+            setting = self.selection_decoding()
+            return setting["decoding"], setting["beam_width"]
+        return self.decoding, self.beam_width
+
     def _search(self, batch, k):
         state = self._start(batch)
-        if self.decoding == "exhaustive":
+        decoding, width = self._decoding()
+        if decoding == "exhaustive":
             exhaustive = ExhaustiveSearch(self.unique_codes, chunk=256)
             return exhaustive.search(lambda codes: self._score_codes(state, codes), k)
-        beams = ConstrainedBeamSearch(
-            self.prefixes, self.beam_width, self.decoding == "constrained"
-        )
+        beams = ConstrainedBeamSearch(self.prefixes, width, decoding == "constrained")
         step = lambda level, codes, parents: self._beam_step(state, level, codes, parents)  # noqa: E731
         return beams.search(step, len(batch["length"]), device=self.item_tokens.device)
 
@@ -511,7 +530,7 @@ class TIGER(Recommender):
     def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
         groups, scores = self.search(batch, k)
         real = scores > float("-inf")
-        if self.decoding == "free":
+        if self._decoding()[0] == "free":
             self._invalid += int(((groups < 0) & real).sum())
             self._decoded += int(real.sum())
         order = torch.argsort((groups < 0).to(torch.uint8), dim=1, stable=True)
@@ -523,8 +542,10 @@ class TIGER(Recommender):
     def _eval_start(self) -> None:
         super()._eval_start()
         self._invalid = self._decoded = 0
+        # colliding items are drawn afresh each evaluation: a cached model scores as a fresh one
+        self._pick.manual_seed(self.seed)
 
     def _eval_end(self, stage: str) -> None:
         super()._eval_end(stage)
-        if self.decoding == "free":
+        if self._decoding()[0] == "free":
             self.log(f"{stage}/invalid_rate", self._invalid / max(self._decoded, 1))
