@@ -74,6 +74,7 @@ def assert_same(found: dict[str, float], expect: dict[str, float]) -> None:
         assert math.isclose(found[name], value, rel_tol=1e-5, abs_tol=1e-7), name
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_sasrec_metrics_are_a_mean_over_all_users(beauty, beauty_split):
     torch.manual_seed(0)
