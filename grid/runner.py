@@ -31,13 +31,14 @@ log = logging.getLogger(__name__)
 # Generator fields that change only inference, so a sweep over them reuses one trained model.
 INFERENCE_FIELDS = ("decoding", "beam_width")
 TRAINER_EVAL_FIELDS = ("eval_batch_size", "logger", "wandb_project", "progress_bar")
-MODEL_STAGE_VERSION = 1
+MODEL_STAGE_VERSION = 2  # 2: selection decodes with the generator's fixed selection setting
 # What a run writes to its folder: a later run in the same folder removes these (and only these).
 RUN_FILES = (
     "config.yaml",
     "metrics.json",
     "stages.json",
     "model.ckpt",
+    "selection.json",
     "sids.npz",
     "tokenizer_report.json",
     "logs/metrics.csv",
@@ -182,6 +183,20 @@ def _fit(cfg: DictConfig, model: Recommender, datamodule, folder: Path, logger) 
     return best
 
 
+def _selection(cfg: DictConfig, model: Recommender, val_users: int, checkpoint: dict) -> dict:
+    """How the checkpoint in use was chosen: monitor, validation users, decoding, best score."""
+    states = checkpoint.get("callbacks", {})
+    score = next((s["best_model_score"] for k, s in states.items() if "ModelCheckpoint" in k), None)
+    return {
+        "monitor": cfg.trainer.monitor,
+        "val_users": val_users,
+        "decoding": model.selection_decoding(),  # null: the generator's configured recommend
+        "best_score": None if score is None else float(score),  # null: no validation ran
+        "global_step": checkpoint.get("global_step"),
+        "epoch": checkpoint.get("epoch"),
+    }
+
+
 def _evaluate(
     cfg: DictConfig, model: Recommender, datamodule: SequenceDataModule, out: Path, logger
 ) -> dict[str, float]:
@@ -260,11 +275,12 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         # One process trains a key, the others wait and reuse it; a finished one needs no lock.
         with nullcontext() if cache.done("model", key) else cache.locked("model", key):
             best = _fit(cfg, model, datamodule, folder, logger)
-        model.load_state_dict(
-            torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        )
+        checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+        model.load_state_dict(checkpoint["state_dict"])
         shutil.copy(best, out / "model.ckpt")
-    (out / "stages.json").write_text(json.dumps(provenance, indent=2))
+        selection = _selection(cfg, model, len(datamodule.valid_set), checkpoint)
+        (out / "selection.json").write_text(json.dumps(selection, indent=2))
+    (out / "stages.json").write_text(json.dumps(provenance, indent=2))  # cache folder per stage
     metrics = _evaluate(cfg, model, datamodule, out, logger)
     baseline = (
         metrics

@@ -15,6 +15,13 @@ from grid.tokenizers.rkmeans import ResidualKMeans
 SMALL = dict(
     d_model=32, num_heads=2, head_dim=16, d_ff=64, encoder_layers=2, decoder_layers=2, bf16=False
 )
+# The model variants every decoding test runs on; a new architecture is one more line.
+MODELS = [
+    pytest.param(dict(architecture="encoder_decoder", user_tokens=7), id="encoder_decoder"),
+    pytest.param(dict(architecture="decoder_only", user_tokens=7), id="decoder_only"),
+    pytest.param(dict(architecture="encoder_decoder", max_history=12), id="encoder_decoder-trunc"),
+    pytest.param(dict(architecture="decoder_only", max_history=12), id="decoder_only-trunc"),
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,8 +43,15 @@ def small(beauty):
     return sids, dm
 
 
-def _batch(dm):
-    return next(iter(dm.val_dataloader()))
+def _batch(dm, per_length: int = 2) -> dict[str, torch.Tensor]:
+    """Validation users of every history length 1-20 (up to `per_length` each), in mixed order."""
+    data = dm.full_valid_set
+    users = torch.cat([(data.lengths == n).nonzero()[:per_length, 0] for n in range(1, 21)])
+    users = users[torch.randperm(len(users), generator=torch.Generator().manual_seed(0))]
+    batch = data.collate(users.tolist())
+    assert set(batch["length"].tolist()) == set(range(1, 21))  # really mixes lengths
+    assert batch["length"][:-1].ne(batch["length"][1:]).sum() > len(users) // 2  # unsorted
+    return batch
 
 
 def test_prefix_table_lookup_and_next(small):
@@ -57,10 +71,10 @@ def test_prefix_table_lookup_and_next(small):
     assert (table.next(1, torch.tensor([-1])) == -1).all()
 
 
-@pytest.mark.parametrize("architecture", ["encoder_decoder", "decoder_only"])
-def test_wide_constrained_beam_equals_exhaustive(small, architecture):
+@pytest.mark.parametrize("config", MODELS)
+def test_wide_constrained_beam_equals_exhaustive(small, config):
     sids, dm = small
-    model = TIGER(sids, architecture=architecture, beam_width=sids.num_unique, **SMALL).eval()
+    model = TIGER(sids, beam_width=sids.num_unique, **config, **SMALL).eval()
     batch = _batch(dm)
     groups, scores = model.search(batch, 20)
     model.decoding = "exhaustive"
@@ -77,19 +91,31 @@ def test_wide_constrained_beam_equals_exhaustive(small, architecture):
     assert ((items >= 0) & (items < sids.num_items)).all()
 
 
-@pytest.mark.parametrize("architecture", ["encoder_decoder", "decoder_only"])
-def test_kv_cache_matches_recomputation(small, architecture):
+@pytest.mark.parametrize("config", MODELS)
+def test_kv_cache_matches_recomputation(small, config):
     sids, dm = small
-    model = TIGER(sids, architecture=architecture, user_tokens=7, **SMALL).eval()
+    model = TIGER(sids, **config, **SMALL).eval()
     batch = _batch(dm)
     groups, scores = model.search(batch, 20)
+    assert (groups >= 0).all()
     codes = torch.as_tensor(sids.unique_codes)[groups]
-    torch.testing.assert_close(model.uncached_logprob(batch, codes), scores, rtol=0, atol=1e-4)
+    reference = model.uncached_logprob(batch, codes)
+    torch.testing.assert_close(reference, scores, rtol=0, atol=1e-4)
+    # the padded reference itself: each user alone (no padding at all) scores the same
+    for row in range(len(codes)):
+        alone = {k: v[row : row + 1] for k, v in batch.items()}
+        alone["history"] = alone["history"][:, : int(batch["length"][row])]
+        torch.testing.assert_close(
+            model.uncached_logprob(alone, codes[row : row + 1])[0],
+            reference[row],
+            rtol=0,
+            atol=1e-4,
+        )
 
 
 def test_bf16_decoding_close_to_fp32(small):
     sids, dm = small
-    model = TIGER(sids, **{**SMALL, "bf16": True}).eval()
+    model = TIGER(sids, user_tokens=7, **{**SMALL, "bf16": True}).eval()
     batch = _batch(dm)
     groups, scores = model.search(batch, 20)
     codes = torch.as_tensor(sids.unique_codes)[groups]
@@ -113,16 +139,86 @@ def test_free_search_keeps_invalid_paths_constrained_does_not():
     assert torch.isinf(scores[0, 2:]).all()
 
 
-def test_free_decoding_drops_and_counts_invalid(small):
+def plain_beam_search(logp, vocab_sizes, valid_prefixes, width):
+    """Textbook beam search over code tuples: extend every beam by every code, keep the best
+    `width`; `valid_prefixes` (None: free decoding) restricts the extensions."""
+    beams = [((), 0.0)]
+    for vocab in vocab_sizes:
+        extended = [
+            (prefix + (c,), score + float(logp[prefix + (c,)]))
+            for prefix, score in beams
+            for c in range(vocab)
+            if valid_prefixes is None or prefix + (c,) in valid_prefixes
+        ]
+        beams = sorted(extended, key=lambda beam: -beam[1])[:width]
+    return beams
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+@pytest.mark.parametrize("width", [2, 4, 7])
+def test_narrow_beam_equals_plain_beam_search(constrained, width):
+    vocab_sizes, users = (6, 5, 6), 8
+    g = torch.Generator().manual_seed(width)
+    combos = np.array(list(np.ndindex(*vocab_sizes)))
+    sids = np.unique(combos[torch.randperm(len(combos), generator=g)[:40].numpy()], axis=0)
+    table = PrefixTable(sids, vocab_sizes)
+    # per user and level, log-probs of the next code given the whole prefix: [B, V0, .., Vl];
+    # later levels are sharper, so a greedy early choice is often a bad one and pruning shows
+    logps = [
+        (torch.randn(users, *vocab_sizes[: level + 1], generator=g) * 3**level).log_softmax(-1)
+        for level in range(len(vocab_sizes))
+    ]
+    prefixes = None
+
+    def step(level, tokens, parents):  # looks up each beam's full prefix, as a model would
+        nonlocal prefixes
+        if level == 0:
+            prefixes = torch.zeros(users, 1, 0, dtype=torch.long)
+        else:
+            kept = prefixes.gather(1, parents[..., None].expand(-1, -1, level - 1))
+            prefixes = torch.cat([kept, tokens[..., None]], dim=2)
+        rows = torch.arange(users)[:, None].expand(-1, prefixes.shape[1])
+        return logps[level][(rows, *prefixes.unbind(-1))]
+
+    groups, scores = ConstrainedBeamSearch(table, width, constrained).search(step, users)
+    valid = {tuple(c[:n]) for c in sids.tolist() for n in range(1, len(vocab_sizes) + 1)}
+    group_of = {tuple(c): i for i, c in enumerate(sids.tolist())}
+    pruned = False
+    for user in range(users):
+        logp = {}
+        for level, lp in enumerate(logps):
+            for prefix in np.ndindex(*vocab_sizes[: level + 1]):
+                logp[prefix] = float(lp[(user, *prefix)])
+        expect = plain_beam_search(logp, vocab_sizes, valid if constrained else None, width)
+        found = scores[user] > float("-inf")
+        assert int(found.sum()) == len(expect)
+        assert groups[user, found].tolist() == [group_of.get(c, -1) for c, _ in expect]
+        torch.testing.assert_close(
+            scores[user, found], torch.tensor([s for _, s in expect]), rtol=0, atol=1e-5
+        )
+        # the beam really pruned: it missed some of the best `width` paths
+        paths = sids if constrained else combos
+        best = sorted(sum(logp[c[: n + 1]] for n in range(len(c))) for c in map(tuple, paths))
+        pruned |= not np.allclose([s for _, s in expect], best[::-1][: len(expect)])
+    assert pruned
+    assert width < len(sids)
+
+
+@pytest.mark.parametrize("config", MODELS)
+def test_free_decoding_drops_and_counts_invalid(small, config):
     sids, dm = small
-    model = TIGER(sids, decoding="free", beam_width=30, **SMALL).eval()
+    model = TIGER(sids, decoding="free", beam_width=30, **config, **SMALL).eval()
     model._eval_start()
     batch = _batch(dm)
     groups, scores = model.search(batch, 10)
     invalid = int((groups < 0).sum())
     assert invalid > 0  # an untrained model wanders off the valid SIDs
+    valid = groups >= 0
+    codes = torch.as_tensor(sids.unique_codes)[groups.clamp(min=0)]
+    reference = model.uncached_logprob(batch, codes)
+    torch.testing.assert_close(reference[valid], scores[valid], rtol=0, atol=1e-4)
     items = model.recommend(batch, 10)
     assert model._invalid == invalid and model._decoded == groups.numel()
-    valid = (groups >= 0).sum(1).clamp(max=10)
-    for row, n in zip(items, valid.tolist(), strict=True):
+    found = valid.sum(1).clamp(max=10)
+    for row, n in zip(items, found.tolist(), strict=True):
         assert (row[:n] >= 0).all() and (row[n:] == -1).all()

@@ -175,7 +175,7 @@ def test_embedding_cache_key(tmp_path, beauty, beauty_split):
 def test_model_key_ignores_inference_only_fields(beauty, beauty_split):
     stages = Stages(beauty, beauty_split, np.zeros((1, 1)), "emb", sids_key="sids")
     key = model_key(compose(), stages)
-    assert model_key(compose(None, ["generator.beam_width=5"]), stages) == key
+    assert model_key(compose(None, ["generator.beam_width=30"]), stages) == key
     assert model_key(compose(None, ["trainer.eval_batch_size=64"]), stages) == key
     assert model_key(compose(None, ["trainer.batch_size=64"]), stages) != key
     assert model_key(compose(None, ["generator.d_model=64"]), stages) != key

@@ -39,7 +39,7 @@ def tiny(data, cache, *extra):
         "generator.d_ff=64",
         "generator.encoder_layers=1",
         "generator.decoder_layers=1",
-        "generator.beam_width=5",
+        "generator.beam_width=20",
         "trainer.max_steps=20",
         "trainer.val_check_interval=10",
         "trainer.val_users=null",

@@ -9,6 +9,7 @@ import torch
 from grid.data import (
     LengthBucketSampler,
     SequenceDataModule,
+    leave_one_out,
     load_movielens,
     load_sequences,
     training_samples,
@@ -160,3 +161,42 @@ def test_repeated_user_lines_continue_the_sequence(tmp_path, caplog):
         f"{tmp_path / 'sequences.tsv'}: 2 lines repeat an earlier user_id; each continues that "
         "user's sequence (in file order)"
     ]
+
+
+@pytest.mark.parametrize(("max_history", "sliding_window"), [(5, True), (20, False)])
+def test_samples_are_exactly_the_prefixes_before_each_target(beauty, max_history, sliding_window):
+    seqs = beauty.sequences
+    split = leave_one_out(seqs, max_history)
+    dm = SequenceDataModule(
+        split, max_history, sliding_window, eval_batch_size=1000, val_users=3000
+    )
+    # every user's validation history is seq[:-2][-max_history:] (target seq[-2]) and its test
+    # history seq[:-1][-max_history:] (target seq[-1]), as the loaders hand them to a model
+    loaders = [(dm.full_val_dataloader(), 2), (dm.val_dataloader(), 2), (dm.test_dataloader(), 1)]
+    for loader, held_out in loaders:
+        users = []
+        for batch in loader:
+            columns = (batch[k].tolist() for k in ("user", "history", "length", "target"))
+            rows = zip(*columns, strict=True)
+            for user, history, length, target in rows:
+                seq = seqs[user]
+                assert history[:length] == seq[:-held_out][-max_history:].tolist()
+                assert set(history[length:]) <= {-1} and target == seq[-held_out]
+                users.append(user)
+        expect = 3000 if loader is loaders[1][0] else len(seqs)
+        assert len(users) == len(set(users)) == expect
+    # training samples are the windows of seq[:-2] and nothing else: no held-out position leaks
+    train = dm.train_set
+    by_user: dict[int, list] = {}
+    for user, history, length, target in zip(
+        train.users.tolist(),
+        train.history.tolist(),
+        train.lengths.tolist(),
+        train.targets.tolist(),
+        strict=True,
+    ):
+        by_user.setdefault(user, []).append((history[:length], target))
+    for user, seq in enumerate(seqs):
+        ends = range(1, len(seq) - 2) if sliding_window else range(len(seq) - 3, len(seq) - 2)
+        expect = [(seq[max(0, t - max_history) : t].tolist(), seq[t]) for t in ends if t >= 1]
+        assert by_user.get(user, []) == expect

@@ -79,6 +79,44 @@ def test_build_needs_sids_and_is_registered(small):
         TIGER(sids, decoding="greedy")
 
 
+def test_beam_narrower_than_the_largest_k_is_refused(small):
+    sids, dm = small
+    message = (
+        r"^generator.beam_width=10 is smaller than the largest K \(20\) .*set beam_width >= 20$"
+    )
+    with pytest.raises(GridError, match=message):
+        TIGER(sids, beam_width=10, **SMALL)
+    with pytest.raises(GridError, match=message):
+        TIGER(sids, beam_width=10, decoding="free", **SMALL)
+    TIGER(sids, beam_width=10, ks=(1, 5, 10), **SMALL)  # fine when no K exceeds the beam
+    TIGER(sids, beam_width=10, decoding="exhaustive", **SMALL)  # no beam to be narrow
+    # at the smallest allowed width every user gets max(K) real items to score
+    model = TIGER(sids, beam_width=20, **SMALL).eval()
+    assert (model.recommend(next(iter(dm.val_dataloader())), 20) >= 0).all()
+
+
+def test_model_selection_ignores_inference_settings(small):
+    sids, dm = small
+    torch.manual_seed(0)
+    model = TIGER(sids, decoding="free", beam_width=30, **SMALL)
+    assert model.selection_decoding() == {"decoding": "constrained", "beam_width": 20}
+    fit = trainer(max_steps=1, val_check_interval=1, limit_val_batches=8)
+    fit.fit(model, dm.train_dataloader(), dm.val_dataloader())  # validates after the one step
+    selected = {k: float(v) for k, v in fit.callback_metrics.items() if k.startswith("valid/")}
+    assert "valid/ndcg@10" in selected and "valid/invalid_rate" not in selected
+    assert not model.selecting  # outside fit's validation the configured decoding is back
+
+    def validate(**settings):
+        model.decoding, model.beam_width = settings["decoding"], settings["beam_width"]
+        return trainer(limit_val_batches=8).validate(model, dm.val_dataloader(), verbose=False)[0]
+
+    fixed = validate(**model.selection_decoding())
+    assert selected == pytest.approx({k: fixed[k] for k in selected}, rel=1e-6)
+    configured = validate(decoding="free", beam_width=30)
+    assert "valid/invalid_rate" in configured
+    assert any(configured[k] != fixed[k] for k in selected)
+
+
 def test_config_lists_the_constructor_parameters():
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
     assert cfg.pop("name") == "tiger"

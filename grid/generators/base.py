@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from grid.metrics import KS, rank_metrics
 from grid.sids import SemanticIDs
@@ -53,6 +54,21 @@ class Recommender(L.LightningModule):
         self._sums: dict[str, torch.Tensor] = {}
         self._users = 0
         self._infer_seconds = 0.0
+
+    @property
+    def selecting(self) -> bool:
+        """True while Lightning validates inside `fit`: model selection and early stopping."""
+        state = self._trainer.state if self._trainer is not None else None
+        return (
+            state is not None
+            and state.fn == TrainerFn.FITTING
+            and state.stage is not None
+            and state.stage.evaluating
+        )
+
+    def selection_decoding(self) -> dict | None:
+        """The fixed inference settings used while `selecting`; None: `recommend` as configured."""
+        return None
 
     @abstractmethod
     def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from grid.data import last_items
 from grid.errors import GridError
 from grid.generators.base import PipelineInputs, Recommender
 from grid.generators.beam_search import ConstrainedBeamSearch, ExhaustiveSearch, PrefixTable
+from grid.metrics import KS
 from grid.sids import SemanticIDs
 
 LR_DECAYS = ("constant", "cosine")
@@ -216,8 +217,14 @@ class TIGER(Recommender):
     consumes = frozenset({"sids"})
 
     @classmethod
-    def check_params(cls, **params) -> None:
+    def check_params(cls, ks: tuple[int, ...] = KS, **params) -> None:
         check_fields("generator", params, PARAM_RANGES, PARAM_CHOICES)
+        beam_width, largest_k = params.get("beam_width", 20), max(ks)
+        if params.get("decoding") != "exhaustive" and beam_width < largest_k:
+            raise GridError(
+                f"generator.beam_width={beam_width} is smaller than the largest K ({largest_k}) "
+                f"of Recall/NDCG@K: set beam_width >= {largest_k}"
+            )
 
     @classmethod
     def build(cls, inputs: PipelineInputs, **params) -> TIGER:
@@ -267,6 +274,7 @@ class TIGER(Recommender):
             lr_decay=lr_decay,
             decoding=decoding,
             beam_width=beam_width,
+            ks=kwargs.get("ks", KS),
         )
         super().__init__(sids.num_items, **kwargs)
         self.save_hyperparameters(ignore=["sids"])
@@ -288,7 +296,8 @@ class TIGER(Recommender):
         self.register_buffer("item_tokens", item_tokens, persistent=False)
         self.register_buffer("unique_codes", torch.as_tensor(sids.unique_codes), persistent=False)
         self.prefixes = PrefixTable(sids.unique_codes, self.vocab_sizes)
-        self._pick = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self._pick = torch.Generator().manual_seed(seed)  # reseeded by every evaluation
 
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -529,14 +538,25 @@ class TIGER(Recommender):
         with self._autocast():
             return self._search(batch, k)
 
+    def selection_decoding(self) -> dict:
+        """Model selection decodes with one fixed setting, so the cached model never depends on
+        the inference-only `decoding` and `beam_width`."""
+        return {"decoding": "constrained", "beam_width": max(self.ks)}
+
+    def _decoding(self) -> tuple[str, int]:
+        """The (decoding, beam width) in force: the selection setting while selecting."""
+        if self.selecting:
+            setting = self.selection_decoding()
+            return setting["decoding"], setting["beam_width"]
+        return self.decoding, self.beam_width
+
     def _search(self, batch, k):
         state = self._start(batch)
-        if self.decoding == "exhaustive":
+        decoding, width = self._decoding()
+        if decoding == "exhaustive":
             exhaustive = ExhaustiveSearch(self.unique_codes, chunk=256)
             return exhaustive.search(lambda codes: self._score_codes(state, codes), k)
-        beams = ConstrainedBeamSearch(
-            self.prefixes, self.beam_width, self.decoding == "constrained"
-        )
+        beams = ConstrainedBeamSearch(self.prefixes, width, decoding == "constrained")
         step = lambda level, codes, parents: self._beam_step(state, level, codes, parents)  # noqa: E731
         return beams.search(step, len(batch["length"]), device=self.item_tokens.device)
 
@@ -544,7 +564,7 @@ class TIGER(Recommender):
     def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
         groups, scores = self.search(batch, k)
         real = scores > float("-inf")
-        if self.decoding == "free":
+        if self._decoding()[0] == "free":
             self._invalid += int(((groups < 0) & real).sum())
             self._decoded += int(real.sum())
         order = torch.argsort((groups < 0).to(torch.uint8), dim=1, stable=True)
@@ -556,8 +576,10 @@ class TIGER(Recommender):
     def _eval_start(self) -> None:
         super()._eval_start()
         self._invalid = self._decoded = 0
+        # colliding items are drawn afresh each evaluation: a cached model scores as a fresh one
+        self._pick.manual_seed(self.seed)
 
     def _eval_end(self, stage: str) -> None:
         super()._eval_end(stage)
-        if self.decoding == "free":
+        if self._decoding()[0] == "free":
             self.log(f"{stage}/invalid_rate", self._invalid / max(self._decoded, 1))
