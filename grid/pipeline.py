@@ -23,7 +23,7 @@ from grid.tokenizers.base import check_embeddings
 log = logging.getLogger(__name__)
 
 # Bump when a stage's output format or algorithm changes, so old caches are not reused.
-STAGE_VERSIONS = {"embeddings": 1, "sids": 1}
+STAGE_VERSIONS = {"embeddings": 1, "sids": 2}
 
 
 def params(cfg: DictConfig) -> dict:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import faiss
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from scipy.stats import ortho_group
 
+from grid.cache import StageCache
 from grid.errors import GridError
-from grid.pipeline import build_tokenizer
+from grid.pipeline import build_tokenizer, tokenize
 from grid.sids import assign_sids
 from grid.tokenizers import (
     RQVAE,
@@ -20,7 +24,10 @@ from grid.tokenizers import (
     ResidualVQ,
     Tokenizer,
 )
+from grid.tokenizers.balanced import squared_distances
 from grid.tokenizers.base import single_threaded
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _usage(codes: np.ndarray, size: int) -> list[float]:
@@ -39,7 +46,7 @@ def rkmeans(X) -> ResidualKMeans:
 
 @pytest.fixture(scope="module")
 def rvq(X) -> ResidualVQ:
-    return ResidualVQ(levels=3, codebook_size=256, epochs=5).fit(X)
+    return ResidualVQ(levels=3, codebook_size=256, steps=200, batch_size=1024).fit(X)
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +85,48 @@ def test_rkmeans_inertia_close_to_sklearn(X):
     assert abs(ours - ref) / ref < 0.03
 
 
+def _rotation(opq: OptimizedPQ) -> np.ndarray:
+    vt = faiss.downcast_VectorTransform(opq.index_.chain.at(opq.index_.chain.size() - 1))
+    return faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in)
+
+
 def test_opq_matches_faiss_pipeline(X, opq):
+    """Ours = faiss OPQ + PQ started from scipy's seeded random rotation, with a seeded PQ."""
     index = faiss.IndexPreTransform(
         faiss.OPQMatrix(X.shape[1], 16), faiss.IndexPQ(X.shape[1], 16, 8)
     )
-    faiss.downcast_VectorTransform(index.chain.at(0)).niter = 3
+    rotation = faiss.downcast_VectorTransform(index.chain.at(0))
+    rotation.niter = 3
+    faiss.copy_array_to_vector(
+        ortho_group.rvs(X.shape[1], random_state=0).astype(np.float32).ravel(), rotation.A
+    )
+    rotation_pq = faiss.ProductQuantizer(X.shape[1], 16, 8)
+    rotation_pq.cp.seed = 0
+    rotation.pq = rotation_pq
     faiss.downcast_index(index.index).pq.cp.seed = 0
     with single_threaded():
         index.train(X)
+    rotation.pq = None
     np.testing.assert_array_equal(opq.encode(X), index.sa_encode(X).astype(np.int64))
     assert opq.encode(X).shape == (len(X), 16) and not OptimizedPQ.ordered
+
+
+def test_opq_rotation_follows_seed_and_codebook_size(X):
+    """faiss alone learns the rotation with an 8-bit PQ from a fixed seed: ours must not."""
+    small = X[:3000]
+
+    def fit(**kw):
+        return OptimizedPQ(subspaces=8, opq_iters=1, **kw).fit(small)
+
+    base, again = fit(seed=0), fit(seed=0)
+    other_seed, coarse = fit(seed=1), fit(seed=0, codebook_size=16)
+    np.testing.assert_array_equal(_rotation(base), _rotation(again))
+    np.testing.assert_array_equal(base.encode(small), again.encode(small))
+    assert np.abs(_rotation(base) - _rotation(other_seed)).max() > 0.05
+    assert (base.encode(small) != other_seed.encode(small)).mean() > 0.5
+    assert np.abs(_rotation(base) - _rotation(coarse)).max() > 0.05
+    R = _rotation(coarse)
+    np.testing.assert_allclose(R @ R.T, np.eye(len(R)), atol=1e-4)
 
 
 def test_opq_reconstruction_and_options(X, opq):
@@ -145,9 +184,117 @@ def test_mq_trains_its_encoders(X, mq):
 
 def test_rvq_is_seeded(X):
     small = X[:2000]
-    a = ResidualVQ(levels=2, codebook_size=32, epochs=2, seed=1).fit(small).encode(small)
-    b = ResidualVQ(levels=2, codebook_size=32, epochs=2, seed=1).fit(small).encode(small)
+    a = ResidualVQ(levels=2, codebook_size=32, steps=20, seed=1).fit(small).encode(small)
+    b = ResidualVQ(levels=2, codebook_size=32, steps=20, seed=1).fit(small).encode(small)
+    c = ResidualVQ(levels=2, codebook_size=32, steps=20, seed=2).fit(small).encode(small)
     np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+
+
+def test_rvq_learns_by_adagrad_from_kmeanspp_seeds(X):
+    """GRID's R-VQ: k-means++ seeds (data points, no Lloyd steps), then Adagrad on the level's
+    straight-through loss sum ||sg(r) - c[nearest(r)]||^2; checked against two full-batch steps
+    written out by hand."""
+    small = X[:2000]
+    unit = small / np.linalg.norm(small, axis=1, keepdims=True)
+    seeds = ResidualVQ(levels=1, codebook_size=32, steps=0, seed=3).fit(small).codebooks_[0]
+    gaps = np.sqrt(np.maximum(squared_distances(seeds, unit), 0)).min(1)
+    assert gaps.max() < 1e-3 and len(np.unique(seeds, axis=0)) == 32  # seeds are items
+
+    lr = 0.01
+    tok = ResidualVQ(levels=1, codebook_size=32, steps=2, batch_size=len(small), lr=lr, seed=3)
+    learned = tok.fit(small).codebooks_[0]
+    C, G = seeds.astype(np.float64), np.zeros_like(seeds, dtype=np.float64)
+    for _ in range(2):
+        idx = squared_distances(unit, C).argmin(1)
+        grad = np.zeros_like(C)
+        np.add.at(grad, idx, 2 * (C[idx] - unit))
+        G += grad**2
+        C = C - lr * grad / (np.sqrt(G) + 1e-10)
+    np.testing.assert_allclose(learned, C, atol=1e-5)
+    assert np.abs(learned - seeds).max() > 0.5 * lr  # the step moved the codebook
+
+
+def test_rvq_trains_levels_one_after_another(X):
+    """Learning level 1 leaves level 0 as it was: earlier levels are frozen (GRID layer-wise)."""
+    small = X[:2000]
+    one = ResidualVQ(levels=1, codebook_size=16, steps=30, batch_size=256).fit(small)
+    two = ResidualVQ(levels=2, codebook_size=16, steps=30, batch_size=256).fit(small)
+    np.testing.assert_array_equal(one.codebooks_[0], two.codebooks_[0])
+    assert two.loss_history_[1][-1] < two.loss_history_[1][0]
+
+
+def test_rqvae_reconstruction_gradient_reaches_the_encoder(X):
+    """Straight-through: the reconstruction loss, decoded from the quantised latent, passes
+    its gradient at that latent on to the encoder (without it the encoder would get none)."""
+    tok = RQVAE(levels=2, codebook_size=16, hidden=(64,), latent_dim=8, epochs=1).fit(X[:1000])
+    x = tok.scaler_(X[:256])
+    params = list(tok.encoder_.parameters())
+    _, recon, _, _ = tok._losses(x)
+    grads = torch.autograd.grad(recon, params, allow_unused=True)
+
+    z = tok.encoder_(x)
+    with torch.no_grad():
+        quantised = tok._quantize(z)[1]
+    zq = quantised.clone().requires_grad_()
+    ref_recon = ((tok.decoder_(zq) - x) ** 2).sum(1).mean()
+    (at_zq,) = torch.autograd.grad(ref_recon, zq)
+    ref = torch.autograd.grad(z, params, grad_outputs=at_zq)
+    assert float(recon.detach()) == pytest.approx(float(ref_recon.detach()), rel=1e-5)
+    for g, r in zip(grads, ref, strict=True):
+        assert g is not None and float(r.abs().max()) > 0
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+
+
+# --- fit_items=train through the pipeline ---------------------------------------------------
+
+FIT_ITEMS_CONFIGS = {
+    "rvq": {"codebook_size": 16, "steps": 20, "batch_size": 512},
+    "rqvae": {"codebook_size": 16, "epochs": 1, "hidden": [64], "latent_dim": 8},
+    "mq": {"codebook_size": 16, "epochs": 1, "hidden": 64, "latent_dim": 8},
+    "opq": {"codebook_size": 16, "subspaces": 8, "opq_iters": 1},
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "rvq",
+        "opq",
+        pytest.param("rqvae", marks=pytest.mark.slow),
+        pytest.param("mq", marks=pytest.mark.slow),
+    ],
+)
+def test_fit_items_train_fits_codebooks_on_training_items_only(name, X, beauty_split, tmp_path):
+    """Perturbing items outside the training sequences leaves the fitted tokenizer unchanged;
+    perturbing training items changes it."""
+    cfg = OmegaConf.merge(
+        OmegaConf.load(ROOT / "configs" / "tokenizer" / f"{name}.yaml"),
+        {"fit_items": "train", **FIT_ITEMS_CONFIGS[name]},
+    )
+    train_items = np.unique(np.concatenate(beauty_split.train[:500]))  # the first 500 users
+    others = np.setdiff1d(np.arange(len(X)), train_items)
+    assert len(others) > len(X) // 2
+    rng = np.random.default_rng(0)
+    cache = StageCache(tmp_path)
+
+    def fitted(Xp: np.ndarray, label: str) -> Tokenizer:
+        _, key, _ = tokenize(Xp, label, cfg, cache, train_items)
+        return Tokenizer.load(cache.path("sids", key) / "tokenizer.pkl")
+
+    def moved(rows: np.ndarray) -> np.ndarray:
+        Xp = X.copy()
+        Xp[rows] += rng.normal(scale=0.05, size=(len(rows), X.shape[1])).astype(np.float32)
+        return Xp
+
+    base = fitted(X, "base")
+    outside = fitted(moved(others), "outside")
+    inside = fitted(moved(rng.choice(train_items, 200, replace=False)), "inside")
+    vocab = np.array(base.vocab_sizes)
+    grid_codes = (np.arange(64)[:, None] * (np.arange(len(vocab)) + 1)) % vocab
+    np.testing.assert_array_equal(outside.reconstruct(grid_codes), base.reconstruct(grid_codes))
+    np.testing.assert_array_equal(outside.encode(X), base.encode(X))
+    assert not np.array_equal(inside.reconstruct(grid_codes), base.reconstruct(grid_codes))
 
 
 # --- collision strategies -----------------------------------------------------------------------

@@ -8,8 +8,8 @@ from torch import nn
 
 from grid.tokenizers.balanced import squared_distances
 from grid.tokenizers.base import Tokenizer, check_embeddings, single_threaded
-from grid.tokenizers.rqvae import Standardizer, mlp
-from grid.tokenizers.rvq import check_codebook, kmeans, nearest
+from grid.tokenizers.rqvae import Standardizer, kmeans, mlp
+from grid.tokenizers.rvq import check_codebook, nearest
 
 
 class MQTokenizer(Tokenizer):

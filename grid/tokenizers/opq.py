@@ -6,6 +6,7 @@ import math
 
 import faiss
 import numpy as np
+from scipy.stats import ortho_group
 
 from grid.errors import GridError
 from grid.tokenizers.base import Tokenizer, check_embeddings, single_threaded
@@ -15,6 +16,8 @@ class OptimizedPQ(Tokenizer):
     """A learned rotation, then `subspaces` sub-codebooks of `codebook_size` codes (RPG's tokens).
 
     `pca_dim` (optionally with `whiten`) reduces the embeddings by PCA before the rotation.
+    The rotation is learned with a PQ of the same `codebook_size` from a random rotation, both
+    drawn from `seed` (faiss's OPQMatrix alone would use an 8-bit PQ and a fixed seed).
     `fit(X, sample_mask)` trains on the masked rows only (e.g. items seen in training
     sequences) and `encode` still covers every item.
     """
@@ -39,8 +42,11 @@ class OptimizedPQ(Tokenizer):
     def vocab_sizes(self) -> tuple[int, ...]:
         return (self.codebook_size,) * self.subspaces
 
+    def _nbits(self) -> int:
+        return int(math.log2(self.codebook_size)) if self.codebook_size > 1 else 0
+
     def _build(self, dim: int) -> faiss.IndexPreTransform:
-        nbits = int(math.log2(self.codebook_size)) if self.codebook_size > 1 else 0
+        nbits = self._nbits()
         if not 1 <= nbits <= 16 or 2**nbits != self.codebook_size:
             raise GridError(
                 f"tokenizer.codebook_size={self.codebook_size} is not a power of two in "
@@ -56,6 +62,9 @@ class OptimizedPQ(Tokenizer):
             )
         opq = faiss.OPQMatrix(inner, self.subspaces)
         opq.niter = self.opq_iters
+        # a preset A is OPQ's starting rotation (else faiss draws one with seed 1234)
+        rotation = ortho_group.rvs(inner, random_state=self.seed).astype(np.float32)
+        faiss.copy_array_to_vector(rotation.ravel(), opq.A)
         pq = faiss.IndexPQ(inner, self.subspaces, nbits)
         pq.pq.cp.seed = self.seed
         index = faiss.IndexPreTransform(opq, pq)
@@ -82,26 +91,39 @@ class OptimizedPQ(Tokenizer):
             )
         index = self._build(X.shape[1])
         with single_threaded():
-            index.train(X)
+            self._train(index, X)
         self.dim_, self.index_ = X.shape[1], index
         return self
+
+    def _train(self, index: faiss.IndexPreTransform, X: np.ndarray) -> None:
+        """Train the transforms in turn, OPQ with a seeded PQ and sample, then the final PQ."""
+        x, last = X, index.chain.size() - 1
+        for i in range(last + 1):
+            vt = faiss.downcast_VectorTransform(index.chain.at(i))
+            if isinstance(vt, faiss.OPQMatrix):
+                # OPQMatrix alone trains an 8-bit PQ seeded 1234 on a sample drawn with seed 1234
+                rotation_pq = faiss.ProductQuantizer(vt.d_out, vt.M, self._nbits())
+                rotation_pq.cp.seed = self.seed
+                vt.pq = rotation_pq
+                sample = x
+                if len(x) > vt.max_train_points:
+                    rng = np.random.default_rng(self.seed)
+                    sample = x[np.sort(rng.choice(len(x), vt.max_train_points, replace=False))]
+                vt.train(sample)
+                vt.pq = None  # faiss does not own it
+            else:
+                vt.train(x)
+            if i < last:
+                x = vt.apply(x)
+        index.train(X)  # the transforms are trained: this trains the PQ alone
 
     def encode(self, X: np.ndarray) -> np.ndarray:
         X = self._check_fitted(X)
         packed = self.index_.sa_encode(X)
-        nbits = int(math.log2(self.codebook_size))
+        nbits = self._nbits()
         if nbits == 8:
             return packed.astype(np.int64)
-        return np.stack([faiss.vector_to_array(self._unpack(row, nbits)) for row in packed]).astype(
-            np.int64
-        )
-
-    def _unpack(self, row: np.ndarray, nbits: int) -> faiss.Int64Vector:
-        reader = faiss.BitstringReader(faiss.swig_ptr(row), len(row))
-        out = faiss.Int64Vector()
-        for _ in range(self.subspaces):
-            out.push_back(reader.read(nbits))
-        return out
+        return faiss.unpack_bitstrings(packed, self.subspaces, nbits).astype(np.int64)
 
     def reconstruct(self, codes: np.ndarray) -> np.ndarray:
         codes = np.asarray(codes, dtype=np.int64)

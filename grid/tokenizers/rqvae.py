@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import torch
 from torch import nn
@@ -9,7 +10,23 @@ from torch import nn
 from grid.errors import GridError
 from grid.tokenizers.balanced import squared_distances
 from grid.tokenizers.base import Tokenizer, check_embeddings, single_threaded
-from grid.tokenizers.rvq import check_codebook, kmeans, nearest
+from grid.tokenizers.rvq import check_codebook, nearest
+
+
+def kmeans(data: np.ndarray, k: int, seed: int, niter: int = 10) -> np.ndarray:
+    """`k` faiss k-means centroids of `data` (float32 `[k, dim]`)."""
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    km = faiss.Kmeans(
+        data.shape[1],
+        k,
+        niter=niter,
+        seed=seed,
+        max_points_per_centroid=256,
+        min_points_per_centroid=1,
+    )
+    with single_threaded():
+        km.train(data)
+    return km.centroids.copy()
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -84,6 +101,13 @@ class RQVAE(Tokenizer):
             codes.append(idx)
         return torch.stack(codes, 1) if codes else None, total, residual, cb_loss, commit
 
+    def _losses(self, x: torch.Tensor):
+        """Codes and the reconstruction, codebook and commitment losses of a batch."""
+        z = self.encoder_(x)
+        codes, total, _, cb_loss, commit = self._quantize(z)
+        x_hat = self.decoder_(z + (total - z).detach())  # straight-through to the encoder
+        return codes, ((x_hat - x) ** 2).sum(1).mean(), cb_loss, commit
+
     def _init_codebooks(self, data: torch.Tensor, gen: torch.Generator) -> None:
         sample = data[torch.randperm(len(data), generator=gen)[: self.init_items]]
         with torch.no_grad():
@@ -132,11 +156,7 @@ class RQVAE(Tokenizer):
             for epoch in range(self.epochs):
                 counts = torch.zeros(self.levels, self.codebook_size, dtype=torch.long)
                 for batch in torch.randperm(len(data), generator=gen).split(self.batch_size):
-                    x = data[batch]
-                    z = self.encoder_(x)
-                    codes, total, _, cb_loss, commit = self._quantize(z)
-                    x_hat = self.decoder_(z + (total - z).detach())  # straight-through
-                    recon = ((x_hat - x) ** 2).sum(1).mean()
+                    codes, recon, cb_loss, commit = self._losses(data[batch])
                     loss = recon + cb_loss + self.beta * commit
                     opt.zero_grad()
                     loss.backward()
