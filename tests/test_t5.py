@@ -125,7 +125,9 @@ def load_t5(model: TIGER, hf: T5ForConditionalGeneration) -> None:
     model.embed.weight.copy_(hf.shared.weight)
     model.head.weight.copy_(hf.lm_head.weight[: model.offsets[-1]])
     for ours, stack in ((model.enc_rel, hf.encoder), (model.dec_rel, hf.decoder)):
-        ours.embed.weight.copy_(stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight)
+        ours.embed.weight.copy_(
+            stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+        )
     model.enc_norm.weight.copy_(hf.encoder.final_layer_norm.weight)
     model.dec_norm.weight.copy_(hf.decoder.final_layer_norm.weight)
     for ours, theirs in zip(model.encoder, hf.encoder.block, strict=True):
