@@ -26,7 +26,7 @@ def cached_attention(q, static=None, dynamic=None, bias=None, scale=None):
 
     q `[B, W, t, h, dk]` (beams x new tokens); static `(k, v, keep)`: k, v `[B, h, T, dk]`,
     keep `[B, T]` bool or None; dynamic `(k, v)` `[B*W, h, S, dk]`, the last t positions the
-    queries' own. bias `(static [B, h, t, T] | None, dynamic [h, t, S] | None)` is added to the
+    queries' own. bias `(static [1, h, t, T] | None, dynamic [h, t, S] | None)` is added to the
     scores (T5 relative positions); scale defaults to dk**-0.5. Shared keys are never copied per
     beam: beams fold into the query length. Returns `[B, W, t, h*dk]`.
     """
@@ -99,31 +99,30 @@ class Layout:
         x = x.reshape(self.B * self.T, -1)
         return x if self.index is None else x.index_select(0, self.index)
 
-    def bias(self, bias: torch.Tensor) -> torch.Tensor:
-        """Relative-position bias `[B or 1, h, T, T]` with this layout's mask folded in (-inf)."""
-        if self.causal:
-            future = torch.ones(self.T, self.T, dtype=torch.bool, device=bias.device).triu(1)
-            bias = bias.masked_fill(future, float("-inf"))
-        return bias if self.mask is None else bias.masked_fill(~self.mask, float("-inf"))
 
-
-def attend(q, k, v, mask=None, causal=False, scale=None):
-    """Attention `[B, h, Tq, dk]`; mask is bool (True: may attend) or an additive float bias."""
+def attend(q, k, v, mask=None, causal=False, scale=None, bias=None):
+    """Attention `[B, h, Tq, dk]`; mask is bool (True: may attend), bias an additive
+    `[1, h, Tq, Tk]` (T5 relative positions) broadcast over the batch."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
     if q.dtype != torch.bfloat16 or q.device.type != "cpu":
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(q.dtype)
+        if bias is not None:  # SDPA takes one mask: the bias, -inf where attention is barred
+            if causal:
+                future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(1)
+                bias = bias.masked_fill(future, float("-inf"))
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+            mask, causal = mask.to(q.dtype), False
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=scale
         )
     # CPU flash attention is slow in bf16 (backward above all) at these short lengths
     s = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-1, -2)
+    if bias is not None:
+        s = s.float() + bias
     if causal:
-        future = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
+        future = torch.ones(Tq, Tk, dtype=torch.bool, device=s.device).triu(1)
         s = s.masked_fill(future, float("-inf"))
-    if mask is not None and mask.dtype == torch.bool:
+    if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    elif mask is not None:
-        s = s.float() + mask
     return s.float().softmax(-1).to(v.dtype) @ v
 
 
@@ -224,17 +223,14 @@ class Attention(nn.Module):
     def forward(self, x, layout: Layout, memory_kv=None, memory_mask=None, bias=None):
         """Attention over packed tokens x `[N, d]`; returns output and padded keys/values.
 
-        `bias` (self-attention): an additive `[B or 1, h, T, T]` that replaces the layout's mask.
+        `bias` (self-attention): an additive `[1, h, T, T]` on top of the layout's mask.
         """
         if self.cross:
             (q,), (k, v) = self._heads(layout.pad(self.q(x)), 1), memory_kv
             y = attend(q, k, v, mask=memory_mask, scale=self.scale)
-        elif bias is not None:
-            q, k, v = self._heads(layout.pad(self.qkv(x)), 3)
-            y = attend(q, k, v, mask=bias, scale=self.scale)
         else:
             q, k, v = self._heads(layout.pad(self.qkv(x)), 3)
-            y = attend(q, k, v, mask=layout.mask, causal=layout.causal, scale=self.scale)
+            y = attend(q, k, v, layout.mask, layout.causal, self.scale, bias)
         return self.out(layout.pack(y.transpose(1, 2))), k, v
 
     def step(self, x, static=None, cache=None, bias=None):
@@ -455,7 +451,7 @@ class TIGER(Recommender):
         x = self.embed(layout.pack(tokens)[:, 0])
         bias = None
         if self.t5:  # positions count from the first token; padding sits after the last
-            bias = layout.bias(self.enc_rel(ar[None, :] - ar[:, None])[None])
+            bias = self.enc_rel(ar[None, :] - ar[:, None])[None]
         else:
             x = x + self.pos(layout.pack(ar.expand_as(tokens))[:, 0])
         x = self.drop(x)
@@ -480,8 +476,8 @@ class TIGER(Recommender):
         layout = Layout.of(keep, mask=mask[:, None])
         x = self.embed(layout.pack(seq)[:, 0])
         bias = None
-        if self.t5:  # relative positions among real tokens: the left padding does not count
-            bias = layout.bias(self.dec_rel(pos[:, None, :] - pos[:, :, None]))
+        if self.t5:  # grid offsets are offsets between real tokens: the left padding cancels out
+            bias = self.dec_rel(ar[None, :] - ar[:, None])[None]
         else:
             x = x + self.pos(layout.pack(pos)[:, 0])
         x = self.drop(x)
@@ -504,7 +500,7 @@ class TIGER(Recommender):
         x, bias = self.embed(dec_in), None
         if self.t5:
             ar = torch.arange(L, device=codes.device)
-            bias = layout.bias(self.dec_rel(ar[None, :] - ar[:, None])[None])
+            bias = self.dec_rel(ar[None, :] - ar[:, None])[None]
         else:
             x = x + self.dec_pos.weight
         x = self.drop(x).flatten(0, 1)
@@ -574,7 +570,7 @@ class TIGER(Recommender):
         h, kvs, keep, pos = self._run_decoder_only(tokens, count, bos)
         # the prompt ends with bos, so its last state already predicts level 0
         prefix = [(k, v, keep) for k, v in kvs]
-        return {"prefix": prefix, "prefix_pos": pos, "bos_pos": pos[:, -1], "h0": h[:, -1:, None]}
+        return {"prefix": prefix, "bos_pos": pos[:, -1], "h0": h[:, -1:, None]}
 
     def _decode(self, state: dict, tokens: torch.Tensor, start: int, caches: list | None):
         """States `[B, W, t, d]` for decoder tokens `[B, W, t]` at decoder steps start.. ."""
@@ -597,13 +593,13 @@ class TIGER(Recommender):
                     x, cache=caches[i], cross_static=state["cross"][i], bias=bias
                 )
         else:
-            pos = state["bos_pos"][:, None] + steps  # [B, t]
-            if self.t5:  # keys: the prompt (its own positions), then decoder steps 1 .. start+t-1
-                prompt = self.dec_rel(state["prefix_pos"][:, None, :] - pos[:, :, None])
+            if self.t5:  # keys: the prompt grid (bos last), then decoder steps 1 .. start+t-1
+                T = state["prefix"][0][0].shape[2]
+                prompt = torch.arange(T, device=tokens.device)[None] - (T - 1 + steps[:, None])
                 decoded = torch.arange(1, start + t, device=tokens.device)[None] - steps[:, None]
-                bias = (prompt, self.dec_rel(decoded))
+                bias = (self.dec_rel(prompt)[None], self.dec_rel(decoded))
             else:
-                x = x + self.pos(pos[:, None])
+                x = x + self.pos(state["bos_pos"][:, None, None] + steps)
             x = x.to(dtype)
             for i, block in enumerate(self.decoder):
                 x, caches[i] = block.step(
