@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # Generator fields that change only inference, so a sweep over them reuses one trained model.
 INFERENCE_FIELDS = ("decoding", "beam_width")
 TRAINER_EVAL_FIELDS = ("eval_batch_size", "logger", "wandb_project", "progress_bar")
-MODEL_STAGE_VERSION = 1
+MODEL_STAGE_VERSION = 2  # 2: T5 TIGER
 
 
 def _logger(cfg: DictConfig, out: Path):
