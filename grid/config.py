@@ -1,6 +1,7 @@
 """Hydra-like config composition on OmegaConf: config groups, experiment files, dotted overrides.
 
-`grid run` without an experiment file composes `experiments/default.yaml`.
+`grid run` without an experiment file composes `experiments/default.yaml` (CPU-sized), or
+`experiments/gpu.yaml` (the GRID handbook setting) when the command line picks `trainer=gpu`.
 `configs/config.yaml` names a default per group (`defaults: {tokenizer: rkmeans, ...}`); a group
 choice `tokenizer=rqvae` loads `configs/tokenizer/rqvae.yaml` (`encoder=cf:lightgcn` loads
 `configs/encoder/cf/lightgcn.yaml`); `tokenizer.levels=4` overrides one field. An experiment
@@ -24,6 +25,7 @@ from grid.errors import GridError
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ("data", "encoder", "tokenizer", "generator", "trainer")
 DEFAULT_EXPERIMENT = ROOT / "experiments" / "default.yaml"
+GPU_EXPERIMENT = ROOT / "experiments" / "gpu.yaml"
 
 
 def config_dir() -> Path:
@@ -195,11 +197,15 @@ def compose(experiment: str | Path | None = None, overrides: list[str] = ()) -> 
     """The run config: group defaults, the experiment file (else the default experiment), then
     command-line overrides.
 
+    Without an experiment file, `trainer=gpu` on the command line picks the GPU default
+    experiment (the paper model) instead of the CPU-sized one.
     A command-line group choice that replaces the experiment's also drops the experiment's
     fields for that group: they were written for the component it replaced.
     """
-    if experiment is None and DEFAULT_EXPERIMENT.is_file():
-        experiment = DEFAULT_EXPERIMENT
+    if experiment is None:
+        gpu = any(o.partition("=")[::2] == ("trainer", "gpu") for o in overrides)
+        default = GPU_EXPERIMENT if gpu else DEFAULT_EXPERIMENT
+        experiment = default if default.is_file() else None
     base = _load_yaml(config_dir() / "config.yaml")
     choices = dict(base.pop("defaults"))
     fields: list[tuple[str, object, str]] = []

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # Generator fields that change only inference, so a sweep over them reuses one trained model.
 INFERENCE_FIELDS = ("decoding", "beam_width")
 TRAINER_EVAL_FIELDS = ("eval_batch_size", "logger", "wandb_project", "progress_bar")
-MODEL_STAGE_VERSION = 2  # 2: selection decodes with the generator's fixed selection setting
+MODEL_STAGE_VERSION = 2  # 2: T5 TIGER; fixed selection decoding
 # What a run writes to its folder: a later run in the same folder removes these (and only these).
 RUN_FILES = (
     "config.yaml",

@@ -21,6 +21,8 @@ MODELS = [
     pytest.param(dict(architecture="decoder_only", user_tokens=7), id="decoder_only"),
     pytest.param(dict(architecture="encoder_decoder", max_history=12), id="encoder_decoder-trunc"),
     pytest.param(dict(architecture="decoder_only", max_history=12), id="decoder_only-trunc"),
+    pytest.param(dict(architecture="encoder_decoder", t5=False, item_separator=True), id="ed-abs"),
+    pytest.param(dict(architecture="decoder_only", t5=False, item_separator=True), id="do-abs"),
 ]
 
 

@@ -153,3 +153,20 @@ def test_shipped_experiments_pass_the_checks(experiment):
 def test_every_component_config_passes_the_checks(group):
     for name in available(group):
         _check(group, [f"{group}={name}"])
+
+
+def test_trainer_gpu_alone_composes_the_paper_model(tmp_path):
+    cfg = compose(None, ["data=sports", "trainer=gpu"])
+    gen = cfg.generator
+    assert cfg.defaults.data == "sports" and cfg.defaults.trainer == "gpu"
+    assert cfg.trainer.max_time is None and cfg.trainer.patience == 10
+    assert gen.t5 and gen.mlp_layers == 2 and gen.item_separator
+    assert (gen.encoder_layers, gen.decoder_layers, gen.d_model) == (4, 4, 128)
+    assert (gen.num_heads, gen.head_dim, gen.d_ff, gen.lr) == (6, 64, 1024, 5e-4)
+    assert gen.decoding == "constrained" and gen.beam_width == 20
+    assert compose(None, ["trainer=cpu"]).generator.encoder_layers == 2  # the CPU default
+    assert compose(None, ["trainer=gpu", "generator.d_model=64"]).generator.d_model == 64
+    assert compose(None, ["trainer=gpu", "generator=sasrec"]).generator.name == "sasrec"
+    exp = tmp_path / "exp.yaml"  # an experiment file on the command line is never replaced
+    exp.write_text("generator:\n  encoder_layers: 3\n")
+    assert compose(exp, ["trainer=gpu"]).generator.encoder_layers == 3

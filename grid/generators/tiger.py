@@ -35,39 +35,51 @@ PARAM_RANGES = {
     "weight_decay": "[0, inf)",
     "warmup_steps": "[0, inf)",
     "beam_width": "[1, inf)",
+    "mlp_layers": "[1, inf)",
 }
+T5_BUCKETS, T5_MAX_DISTANCE = 32, 128  # HF T5Config defaults, which GRID keeps
 
 
-def cached_attention(q, static=None, dynamic=None):
+def cached_attention(q, static=None, dynamic=None, bias=None, scale=None):
     """Attention of beam queries over per-user keys shared by all beams and per-beam keys.
 
     q `[B, W, t, h, dk]` (beams x new tokens); static `(k, v, keep)`: k, v `[B, h, T, dk]`,
     keep `[B, T]` bool or None; dynamic `(k, v)` `[B*W, h, S, dk]`, the last t positions the
-    queries' own. Shared keys are never copied per beam: beams fold into the query length.
-    Returns `[B, W, t, h*dk]`.
+    queries' own. bias `(static [1, h, t, T] | None, dynamic [h, t, S] | None)` is added to the
+    scores (T5 relative positions); scale defaults to dk**-0.5. Shared keys are never copied per
+    beam: beams fold into the query length. Returns `[B, W, t, h*dk]`.
     """
     B, W, t, h, dk = q.shape
+    scale = dk**-0.5 if scale is None else scale
+    static_bias, dynamic_bias = (None, None) if bias is None else bias
     T = 0
     parts = []
     if static is not None:
         k, v, keep = static
         T = k.shape[2]
         s = q.view(B, W * t, h, dk).transpose(1, 2) @ k.transpose(-1, -2)  # [B, h, W*t, T]
+        if scale != 1:
+            s = s * scale
         if keep is not None:
             s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+        if static_bias is not None:
+            s = (s.view(B, h, W, t, T) + static_bias[:, :, None]).view(B, h, W * t, T)
         if dynamic is None:
-            p = (s * dk**-0.5).softmax(-1)
-            return (p @ v).transpose(1, 2).reshape(B, W, t, h * dk)
+            return (s.softmax(-1) @ v).transpose(1, 2).reshape(B, W, t, h * dk)
         parts.append(s.view(B, h, W, t, T).transpose(1, 2).reshape(B * W, h, t, T))
     k, v = dynamic
     qd = q.reshape(B * W, t, h, dk).transpose(1, 2)
     s = qd @ k.transpose(-1, -2)  # [B*W, h, t, S]
+    if scale != 1:
+        s = s * scale
+    if dynamic_bias is not None:
+        s = s + dynamic_bias
     if t > 1:
         S = k.shape[2]
         future = torch.ones(t, S, dtype=torch.bool, device=q.device).triu(S - t + 1)
         s = s.masked_fill(future, float("-inf"))
     parts.append(s)
-    p = (torch.cat(parts, dim=-1) * dk**-0.5).softmax(-1)
+    p = torch.cat(parts, dim=-1).softmax(-1)
     out = p[..., T:] @ v  # [B*W, h, t, dk]
     if static is not None:
         ps = p[..., :T].reshape(B, W, h, t, T).transpose(1, 2).reshape(B, h, W * t, T)
@@ -107,26 +119,109 @@ class Layout:
         return x if self.index is None else x.index_select(0, self.index)
 
 
-def attend(q, k, v, mask=None, causal=False):
-    """Attention `[B, h, Tq, dk]`; mask is bool (True: may attend)."""
+def attend(q, k, v, mask=None, causal=False, scale=None, bias=None):
+    """Attention `[B, h, Tq, dk]`; mask is bool (True: may attend), bias an additive
+    `[1, h, Tq, Tk]` (T5 relative positions) broadcast over the batch."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
     if q.dtype != torch.bfloat16 or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        if bias is not None:  # SDPA takes one mask: the bias, -inf where attention is barred
+            if causal:
+                future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(1)
+                bias = bias.masked_fill(future, float("-inf"))
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+            mask, causal = mask.to(q.dtype), False
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=scale
+        )
     # CPU flash attention is slow in bf16 (backward above all) at these short lengths
-    s = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    s = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-1, -2)
+    if bias is not None:
+        s = s.float() + bias
     if causal:
-        future = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
+        future = torch.ones(Tq, Tk, dtype=torch.bool, device=s.device).triu(1)
         s = s.masked_fill(future, float("-inf"))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     return s.float().softmax(-1).to(v.dtype) @ v
 
 
-class Attention(nn.Module):
-    """Multi-head attention with T5-style head size (inner dim = heads x head_dim)."""
+class RMSNorm(nn.Module):
+    """T5LayerNorm: scales by the root mean square (no mean subtraction, no bias), in fp32."""
 
-    def __init__(self, d_model: int, heads: int, head_dim: int, cross: bool):
+    def __init__(self, d_model: int, eps: float = 1e-6):
         super().__init__()
-        self.heads, self.head_dim, self.cross = heads, head_dim, cross
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def relative_buckets(rel, bidirectional, num_buckets=T5_BUCKETS, max_distance=T5_MAX_DISTANCE):
+    """T5's bucket of each relative position `key - query`: exact up to half the buckets, then
+    logarithmic up to max_distance; unidirectional buckets fold every future position into 0."""
+    buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        buckets = (rel > 0).long() * num_buckets
+        rel = rel.abs()
+    else:
+        rel = (-rel).clamp(min=0)
+    exact = num_buckets // 2
+    large = (
+        exact
+        + (
+            torch.log(rel.clamp(min=exact).float() / exact)
+            / math.log(max_distance / exact)
+            * (num_buckets - exact)
+        ).long()
+    )
+    return buckets + torch.where(rel < exact, rel, large.clamp(max=num_buckets - 1))
+
+
+class RelativeBias(nn.Module):
+    """A stack's T5 relative position bias: one learned scalar per head and bucket, computed
+    once per forward and shared by all the stack's self-attention layers."""
+
+    def __init__(self, heads: int, bidirectional: bool):
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.embed = nn.Embedding(T5_BUCKETS, heads)
+
+    def forward(self, rel: torch.Tensor) -> torch.Tensor:
+        """Bias `[..., h, q, k]` (fp32) for relative positions `rel` `[..., q, k]`."""
+        return self.embed(relative_buckets(rel, self.bidirectional)).movedim(-1, -3)
+
+
+def feed_forward(d_model: int, d_ff: int, layers: int, dropout: float, t5: bool) -> nn.Sequential:
+    """The block MLP. One hidden layer: d -> d_ff -> d with ReLU and no biases (T5's
+    DenseReluDense, with its inner dropout when t5). More: GRID's T5MultiLayerFF (`mlp_layers`),
+    `layers` hidden ReLU layers of d_ff, with biases and a dropout after each later linear."""
+    if layers == 1:
+        inner = [nn.Dropout(dropout)] if t5 else []
+        return nn.Sequential(
+            nn.Linear(d_model, d_ff, bias=False),
+            nn.ReLU(),
+            *inner,
+            nn.Linear(d_ff, d_model, bias=False),
+        )
+    dims = [d_ff] * layers + [d_model]
+    mods = [nn.Linear(d_model, d_ff)]
+    for i in range(1, len(dims)):
+        mods += [nn.ReLU(), nn.Linear(dims[i - 1], dims[i]), nn.Dropout(dropout)]
+    return nn.Sequential(*mods)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with T5-style head size (inner dim = heads x head_dim).
+
+    `scale` multiplies the scores: None is dk**-0.5; T5 uses 1 (its init absorbs the scaling).
+    """
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, cross: bool, scale=None):
+        super().__init__()
+        self.heads, self.head_dim, self.cross, self.scale = heads, head_dim, cross, scale
         inner = heads * head_dim
         if cross:
             self.q = nn.Linear(d_model, inner, bias=False)
@@ -144,58 +239,67 @@ class Attention(nn.Module):
         """Keys and values `[B, h, T, dk]` of packed encoder states."""
         return self._heads(layout.pad(self.kv(memory)), 2)
 
-    def forward(self, x, layout: Layout, memory_kv=None, memory_mask=None):
-        """Attention over packed tokens x `[N, d]`; returns output and padded keys/values."""
+    def forward(self, x, layout: Layout, memory_kv=None, memory_mask=None, bias=None):
+        """Attention over packed tokens x `[N, d]`; returns output and padded keys/values.
+
+        `bias` (self-attention): an additive `[1, h, T, T]` on top of the layout's mask.
+        """
         if self.cross:
             (q,), (k, v) = self._heads(layout.pad(self.q(x)), 1), memory_kv
-            y = attend(q, k, v, mask=memory_mask)
+            y = attend(q, k, v, mask=memory_mask, scale=self.scale)
         else:
             q, k, v = self._heads(layout.pad(self.qkv(x)), 3)
-            y = attend(q, k, v, mask=layout.mask, causal=layout.causal)
+            y = attend(q, k, v, layout.mask, layout.causal, self.scale, bias)
         return self.out(layout.pack(y.transpose(1, 2))), k, v
 
-    def step(self, x, static=None, cache=None):
+    def step(self, x, static=None, cache=None, bias=None):
         """Cached attention for beams x `[B, W, t, d]`; returns output and the grown cache."""
         B, W, t, _ = x.shape
         h, dk = self.heads, self.head_dim
         if self.cross:
-            return self.out(cached_attention(self.q(x).view(B, W, t, h, dk), static=static)), None
+            q = self.q(x).view(B, W, t, h, dk)
+            return self.out(cached_attention(q, static=static, scale=self.scale)), None
         qkv = self.qkv(x).view(B, W, t, 3, h, dk)
         k, v = (qkv[:, :, :, i].reshape(B * W, t, h, dk).transpose(1, 2) for i in (1, 2))
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        y = cached_attention(qkv[:, :, :, 0], static=static, dynamic=(k, v))
+        y = cached_attention(
+            qkv[:, :, :, 0], static=static, dynamic=(k, v), bias=bias, scale=self.scale
+        )
         return self.out(y), (k, v)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: self-attention, optional cross-attention, ReLU MLP."""
+    """Pre-norm transformer block: self-attention, optional cross-attention, ReLU MLP.
 
-    def __init__(self, d_model, heads, head_dim, d_ff, dropout, cross):
+    t5: RMS norms and unscaled attention scores (HF T5); else bias-free LayerNorm and dk**-0.5.
+    """
+
+    def __init__(self, d_model, heads, head_dim, d_ff, dropout, cross, t5=False, mlp_layers=1):
         super().__init__()
-        self.norm1 = nn.LayerNorm(d_model, bias=False)
-        self.attn = Attention(d_model, heads, head_dim, cross=False)
+        norm = RMSNorm if t5 else lambda d: nn.LayerNorm(d, bias=False)
+        scale = 1.0 if t5 else None
+        self.norm1 = norm(d_model)
+        self.attn = Attention(d_model, heads, head_dim, cross=False, scale=scale)
         if cross:
-            self.norm_x = nn.LayerNorm(d_model, bias=False)
-            self.cross = Attention(d_model, heads, head_dim, cross=True)
+            self.norm_x = norm(d_model)
+            self.cross = Attention(d_model, heads, head_dim, cross=True, scale=scale)
         else:
             self.cross = None
-        self.norm2 = nn.LayerNorm(d_model, bias=False)
-        self.mlp = nn.Sequential(
-            nn.Linear(d_model, d_ff, bias=False), nn.ReLU(), nn.Linear(d_ff, d_model, bias=False)
-        )
+        self.norm2 = norm(d_model)
+        self.mlp = feed_forward(d_model, d_ff, mlp_layers, dropout, t5)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, layout: Layout, memory_kv=None, memory_mask=None):
-        a, k, v = self.attn(self.norm1(x), layout)
+    def forward(self, x, layout: Layout, memory_kv=None, memory_mask=None, bias=None):
+        a, k, v = self.attn(self.norm1(x), layout, bias=bias)
         x = x + self.drop(a)
         if self.cross is not None:
             a = self.cross(self.norm_x(x), layout, memory_kv=memory_kv, memory_mask=memory_mask)[0]
             x = x + self.drop(a)
         return x + self.drop(self.mlp(self.norm2(x))), k, v
 
-    def step(self, x, self_static=None, cache=None, cross_static=None):
-        a, cache = self.attn.step(self.norm1(x), static=self_static, cache=cache)
+    def step(self, x, self_static=None, cache=None, cross_static=None, bias=None):
+        a, cache = self.attn.step(self.norm1(x), static=self_static, cache=cache, bias=bias)
         x = x + a
         if self.cross is not None:
             x = x + self.cross.step(self.norm_x(x), static=cross_static)[0]
@@ -210,8 +314,12 @@ def user_bucket(user: torch.Tensor, buckets: int) -> torch.Tensor:
 class TIGER(Recommender):
     """Generative retrieval over semantic IDs (Rajput et al., 2023), as configured in GRID.
 
-    The history's items become their SID tokens (each SID position has its own vocabulary slice);
-    the model is trained to emit the next item's SID and decodes with beam search.
+    The history's items become their SID tokens (each SID position has its own vocabulary slice),
+    optionally each followed by a separator token; the model is trained to emit the next item's
+    SID and decodes with beam search. `t5` builds the HuggingFace T5 stacks GRID trains (relative
+    position buckets shared by each stack's layers, RMS norms, unscaled attention, the
+    PyTorch-default init GRID resets them to); otherwise learned absolute positions, LayerNorm,
+    dk**-0.5 scaling and N(0, 0.02) init.
     """
 
     consumes = frozenset({"sids"})
@@ -243,7 +351,10 @@ class TIGER(Recommender):
         d_ff: int = 1024,
         encoder_layers: int = 4,
         decoder_layers: int = 4,
-        dropout: float = 0.1,
+        dropout: float = 0.15,
+        t5: bool = True,
+        mlp_layers: int = 2,
+        item_separator: bool = False,
         user_tokens: int = 0,
         architecture: str = "encoder_decoder",
         max_history: int = 20,
@@ -274,6 +385,7 @@ class TIGER(Recommender):
             lr_decay=lr_decay,
             decoding=decoding,
             beam_width=beam_width,
+            mlp_layers=mlp_layers,
             ks=kwargs.get("ks", KS),
         )
         super().__init__(sids.num_items, **kwargs)
@@ -282,6 +394,7 @@ class TIGER(Recommender):
         self.lr, self.weight_decay, self.max_history = lr, weight_decay, max_history
         self.warmup_steps, self.lr_decay = warmup_steps, lr_decay
         self.user_tokens, self.beam_width, self.bf16 = user_tokens, beam_width, bf16
+        self.t5 = t5
         L = self.levels = sids.length
         self.vocab_sizes = sids.vocab_sizes
         offsets = [0]
@@ -290,9 +403,13 @@ class TIGER(Recommender):
         self.offsets = offsets
         self.pad = offsets[-1] + user_tokens  # user tokens sit between the SID tokens and pad
         self.bos = self.pad + 1
+        self.sep = self.bos + 1 if item_separator else None  # after each history item
         self.register_buffer("item_codes", torch.as_tensor(sids.codes), persistent=False)
         item_tokens = self.item_codes + torch.tensor(offsets[:-1])
-        item_tokens = torch.cat([item_tokens, torch.full((1, L), self.pad)])  # row -1: padding
+        if item_separator:
+            item_tokens = F.pad(item_tokens, (0, 1), value=self.sep)
+        width = self.item_width = item_tokens.shape[1]
+        item_tokens = torch.cat([item_tokens, torch.full((1, width), self.pad)])  # row -1: padding
         self.register_buffer("item_tokens", item_tokens, persistent=False)
         self.register_buffer("unique_codes", torch.as_tensor(sids.unique_codes), persistent=False)
         self.prefixes = PrefixTable(sids.unique_codes, self.vocab_sizes)
@@ -301,28 +418,38 @@ class TIGER(Recommender):
 
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            prompt = (user_tokens > 0) + max_history * L
-            self.embed = nn.Embedding(self.bos + 1, d_model)
+            prompt = (user_tokens > 0) + max_history * width
+            self.embed = nn.Embedding(self.bos + 1 + item_separator, d_model)
             self.drop = nn.Dropout(dropout)
             args = (d_model, num_heads, head_dim, d_ff, dropout)
+            kw = dict(t5=t5, mlp_layers=mlp_layers)
+            norm = RMSNorm if t5 else lambda d: nn.LayerNorm(d, bias=False)
             if architecture == "encoder_decoder":
-                self.pos = nn.Embedding(prompt, d_model)
-                self.dec_pos = nn.Embedding(L, d_model)
+                if t5:
+                    self.enc_rel = RelativeBias(num_heads, bidirectional=True)
+                    self.dec_rel = RelativeBias(num_heads, bidirectional=False)
+                else:
+                    self.pos = nn.Embedding(prompt, d_model)
+                    self.dec_pos = nn.Embedding(L, d_model)
                 self.encoder = nn.ModuleList(
-                    Block(*args, cross=False) for _ in range(encoder_layers)
+                    Block(*args, cross=False, **kw) for _ in range(encoder_layers)
                 )
-                self.enc_norm = nn.LayerNorm(d_model, bias=False)
+                self.enc_norm = norm(d_model)
                 self.decoder = nn.ModuleList(
-                    Block(*args, cross=True) for _ in range(decoder_layers)
+                    Block(*args, cross=True, **kw) for _ in range(decoder_layers)
                 )
             else:
-                self.pos = nn.Embedding(prompt + L, d_model)
+                if t5:
+                    self.dec_rel = RelativeBias(num_heads, bidirectional=False)
+                else:
+                    self.pos = nn.Embedding(prompt + L, d_model)
                 self.decoder = nn.ModuleList(
-                    Block(*args, cross=False) for _ in range(decoder_layers)
+                    Block(*args, cross=False, **kw) for _ in range(decoder_layers)
                 )
-            self.dec_norm = nn.LayerNorm(d_model, bias=False)
+            self.dec_norm = norm(d_model)
             self.head = nn.Linear(d_model, offsets[-1], bias=False)
-            self.apply(self._init)
+            if not t5:  # GRID resets its T5 stacks to the PyTorch defaults the modules come with
+                self.apply(self._init)
         self._invalid = self._decoded = 0
 
     def _autocast(self):
@@ -341,7 +468,7 @@ class TIGER(Recommender):
         history, length = last_items(batch["history"], batch["length"], self.max_history)
         rows = torch.where(history < 0, self.num_items, history)
         tokens = self.item_tokens[rows].flatten(1)
-        count = length * self.levels
+        count = length * self.item_width
         if self.user_tokens:
             user = self.offsets[-1] + user_bucket(batch["user"], self.user_tokens)
             tokens = torch.cat([user[:, None], tokens], dim=1)
@@ -359,13 +486,19 @@ class TIGER(Recommender):
 
     def _encode(self, tokens, count):
         """Packed encoder states `[N, d]` and their layout."""
-        keep = torch.arange(tokens.shape[1], device=tokens.device) < count[:, None]
+        ar = torch.arange(tokens.shape[1], device=tokens.device)
+        keep = ar < count[:, None]
         keep[:, 0] = True  # an empty history still attends to something
         layout = Layout.of(keep)
-        pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        x = self.drop(self.embed(layout.pack(tokens)[:, 0]) + self.pos(layout.pack(pos)[:, 0]))
+        x = self.embed(layout.pack(tokens)[:, 0])
+        bias = None
+        if self.t5:  # positions count from the first token; padding sits after the last
+            bias = self.enc_rel(ar[None, :] - ar[:, None])[None]
+        else:
+            x = x + self.pos(layout.pack(ar.expand_as(tokens))[:, 0])
+        x = self.drop(x)
         for block in self.encoder:
-            x = block(x, layout)[0]
+            x = block(x, layout, bias=bias)[0]
         return self.enc_norm(x), layout
 
     def _run_decoder_only(self, tokens, count, tail):
@@ -383,10 +516,16 @@ class TIGER(Recommender):
         eye = torch.eye(len(ar), dtype=torch.bool, device=ar.device)
         mask = (ar[:, None] >= ar[None]) & keep[:, None, :] | eye
         layout = Layout.of(keep, mask=mask[:, None])
-        x = self.drop(self.embed(layout.pack(seq)[:, 0]) + self.pos(layout.pack(pos)[:, 0]))
+        x = self.embed(layout.pack(seq)[:, 0])
+        bias = None
+        if self.t5:  # grid offsets are offsets between real tokens: the left padding cancels out
+            bias = self.dec_rel(ar[None, :] - ar[:, None])[None]
+        else:
+            x = x + self.pos(layout.pack(pos)[:, 0])
+        x = self.drop(x)
         kvs = []
         for block in self.decoder:
-            x, k, v = block(x, layout)
+            x, k, v = block(x, layout, bias=bias)
             kvs.append((k, v))
         return layout.pad(self.dec_norm(x)), kvs, keep, pos
 
@@ -400,10 +539,16 @@ class TIGER(Recommender):
             return self._run_decoder_only(tokens, count, dec_in)[0][:, -L:]
         memory, mem_layout = self._encode(tokens, count)
         layout = Layout(B, L, causal=True)
-        x = self.drop(self.embed(dec_in) + self.dec_pos.weight).flatten(0, 1)
+        x, bias = self.embed(dec_in), None
+        if self.t5:
+            ar = torch.arange(L, device=codes.device)
+            bias = self.dec_rel(ar[None, :] - ar[:, None])[None]
+        else:
+            x = x + self.dec_pos.weight
+        x = self.drop(x).flatten(0, 1)
         for block in self.decoder:
             kv = block.cross.memory_kv(memory, mem_layout)
-            x = block(x, layout, memory_kv=kv, memory_mask=mem_layout.mask)[0]
+            x = block(x, layout, memory_kv=kv, memory_mask=mem_layout.mask, bias=bias)[0]
         return self.dec_norm(x).view(B, L, -1)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -476,15 +621,32 @@ class TIGER(Recommender):
         # under autocast keep the beams' residual stream in bf16 too: it halves memory traffic
         dev = tokens.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        steps = torch.arange(start, start + t, device=tokens.device)
+        x, bias = self.embed(tokens), None
         if self.architecture == "encoder_decoder":
-            x = (self.embed(tokens) + self.dec_pos.weight[start : start + t]).to(dtype)
+            if self.t5:  # only the new queries' rows: keys are decoder steps 0 .. start+t-1
+                keys = torch.arange(start + t, device=tokens.device)
+                bias = (None, self.dec_rel(keys[None] - steps[:, None]))
+            else:
+                x = x + self.dec_pos.weight[start : start + t]
+            x = x.to(dtype)
             for i, block in enumerate(self.decoder):
-                x, caches[i] = block.step(x, cache=caches[i], cross_static=state["cross"][i])
+                x, caches[i] = block.step(
+                    x, cache=caches[i], cross_static=state["cross"][i], bias=bias
+                )
         else:
-            steps = torch.arange(start, start + t, device=tokens.device)
-            x = (self.embed(tokens) + self.pos(state["bos_pos"][:, None, None] + steps)).to(dtype)
+            if self.t5:  # keys: the prompt grid (bos last), then decoder steps 1 .. start+t-1
+                T = state["prefix"][0][0].shape[2]
+                prompt = torch.arange(T, device=tokens.device)[None] - (T - 1 + steps[:, None])
+                decoded = torch.arange(1, start + t, device=tokens.device)[None] - steps[:, None]
+                bias = (self.dec_rel(prompt)[None], self.dec_rel(decoded))
+            else:
+                x = x + self.pos(state["bos_pos"][:, None, None] + steps)
+            x = x.to(dtype)
             for i, block in enumerate(self.decoder):
-                x, caches[i] = block.step(x, self_static=state["prefix"][i], cache=caches[i])
+                x, caches[i] = block.step(
+                    x, self_static=state["prefix"][i], cache=caches[i], bias=bias
+                )
         return self.dec_norm(x), caches
 
     def _beam_step(self, state: dict, level: int, codes, parents) -> torch.Tensor:
