@@ -24,7 +24,7 @@ from grid.pipeline import Stages, component, params, prepare
 log = logging.getLogger(__name__)
 
 # Generator fields that change only inference, so a sweep over them reuses one trained model.
-INFERENCE_FIELDS = ("decoding", "beam_width")
+INFERENCE_FIELDS = ("decoding", "beam_width", "search")
 TRAINER_EVAL_FIELDS = ("eval_batch_size", "logger", "wandb_project", "progress_bar")
 MODEL_STAGE_VERSION = 1
 
@@ -142,6 +142,14 @@ def results_table(metrics: dict[str, float], baseline: dict[str, float], ks=(1, 
                 for k in ks
             )
             lines.append(f"{name + ' ' + split:24}{row}")
+    if "test/warm/users" in metrics:
+        m = {k[5:]: v for k, v in metrics.items() if k.startswith("test/")}
+        m = {k: m.get(k, float("nan")) for k in (*m, "warm/recall@10", "cold/recall@10")}
+        lines.append(
+            f"model test recall@10: warm {m['warm/recall@10']:.4f} ({m['warm/users']:.0f} users), "
+            f"cold {m['cold/recall@10']:.4f} ({m['cold/users']:.0f} users); "
+            f"coverage@10 {m['coverage@10']:.4f}, entropy@10 {m['entropy@10']:.2f}"
+        )
     if "infer/seconds" in metrics:
         lines.append(
             f"inference: {metrics['infer/seconds']:.1f} s over the test set, "
@@ -191,9 +199,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         folder = cache.path("model", model_key(cfg, stages))
         provenance["model"] = str(folder)
         best = _fit(cfg, model, datamodule, folder, logger)
-        model.load_state_dict(
-            torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        )
+        model.load_checkpoint(best)
         shutil.copy(best, out / "model.ckpt")
     (out / "stages.json").write_text(json.dumps(provenance, indent=2))  # cache folder per stage
     metrics = _evaluate(cfg, model, datamodule, out, logger)
