@@ -282,13 +282,23 @@ def last_items(
 
 
 class SequenceSamples(TorchDataset):
-    """(user, history, target) rows; each item of the dataset is one batch-ready dict."""
+    """(user, history, target) rows; each item of the dataset is one batch-ready dict.
 
-    def __init__(self, users: np.ndarray, histories: list[np.ndarray], targets: np.ndarray):
+    Evaluation samples also carry `warm`: whether the target appears in the training sequences.
+    """
+
+    def __init__(
+        self,
+        users: np.ndarray,
+        histories: list[np.ndarray],
+        targets: np.ndarray,
+        train_items: np.ndarray | None = None,
+    ):
         self.users = torch.as_tensor(users)
         self.lengths = torch.tensor([len(h) for h in histories])
         self.history = torch.as_tensor(pad(histories))
         self.targets = torch.as_tensor(targets)
+        self.warm = None if train_items is None else torch.as_tensor(np.isin(targets, train_items))
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -299,12 +309,15 @@ class SequenceSamples(TorchDataset):
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(idx)
         lengths = self.lengths[idx]
-        return {
+        batch = {
             "user": self.users[idx],
             "history": self.history[idx, : int(lengths.max())],
             "length": lengths,
             "target": self.targets[idx],
         }
+        if self.warm is not None:
+            batch["warm"] = self.warm[idx]
+        return batch
 
 
 class LengthBucketSampler(Sampler):
@@ -406,11 +419,12 @@ class SequenceDataModule(L.LightningDataModule):
         users = np.arange(n)
         if val_users and val_users < n:  # a fixed random subset for per-epoch model selection
             users = np.sort(np.random.default_rng(seed).choice(n, val_users, replace=False))
+        seen = np.unique(np.concatenate(split.train))
         self.valid_set = SequenceSamples(
-            users, [split.valid[0][u] for u in users], split.valid[1][users]
+            users, [split.valid[0][u] for u in users], split.valid[1][users], seen
         )
-        self.full_valid_set = SequenceSamples(np.arange(n), *split.valid)
-        self.test_set = SequenceSamples(np.arange(n), *split.test)
+        self.full_valid_set = SequenceSamples(np.arange(n), *split.valid, seen)
+        self.test_set = SequenceSamples(np.arange(n), *split.test, seen)
 
     def _loader(self, data: SequenceSamples, train: bool) -> DataLoader:
         size = self.batch_size if train else self.eval_batch_size

@@ -25,3 +25,59 @@ def rank_metrics(ranked: torch.Tensor, target: torch.Tensor, ks=KS) -> dict[str,
         out[f"recall@{k}"] = inside.float()
         out[f"ndcg@{k}"] = torch.where(inside, gain, 0.0)
     return out
+
+
+class RankingTotals:
+    """Metric sums over users (all, warm and cold) and per-item recommendation counts.
+
+    Accumulated batch by batch, so any split into batches (or processes, after summing the
+    totals) gives the same results. A user is warm when its target item appears in the training
+    sequences. Coverage@K: distinct items in the top-K lists / catalogue size; Entropy@K: entropy
+    (natural log) of how often each item appears in the top-K lists.
+    """
+
+    def __init__(self, num_items: int, ks=KS, device: torch.device | str = "cpu"):
+        self.num_items, self.ks = num_items, tuple(ks)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts = torch.zeros(len(self.ks), num_items, dtype=torch.float64, device=device)
+
+    def update(
+        self, ranked: torch.Tensor, target: torch.Tensor, warm: torch.Tensor | None = None
+    ) -> None:
+        """Add a batch: ranked item ids `[B, >=max(ks)]` (-1: none), targets `[B]`, warm `[B]`."""
+        per_user = rank_metrics(ranked, target, self.ks)
+        per_user["users"] = torch.ones_like(target, dtype=torch.float64)
+        groups = {"": None} if warm is None else {"": None, "warm/": warm, "cold/": ~warm}
+        for prefix, mask in groups.items():
+            for name, values in per_user.items():
+                total = (values if mask is None else values[mask]).double().sum()
+                self.sums[prefix + name] = self.sums.get(prefix + name, 0.0) + total
+        for row, k in enumerate(self.ks):
+            top = ranked[:, :k].flatten()
+            top = top[top >= 0]
+            self.counts[row] += torch.bincount(top, minlength=self.num_items).to(self.counts)
+
+    def reduce(self, fn) -> None:
+        """Replace every total by `fn(total)`, e.g. a sum across processes."""
+        self.sums = {name: fn(self.sums[name]) for name in sorted(self.sums)}
+        self.counts = fn(self.counts)
+
+    def results(self) -> dict[str, float]:
+        """Mean metrics per group (groups without users are left out), user counts of the warm
+        and cold groups, coverage@K and entropy@K."""
+        out = {}
+        for name, total in self.sums.items():
+            group, _, metric = name.rpartition("/")
+            if metric == "users":
+                if group:
+                    out[name] = float(total)
+                continue
+            users = float(self.sums[f"{group}/users" if group else "users"])
+            if users > 0:
+                out[name] = float(total) / users
+        for row, k in enumerate(self.ks):
+            counts = self.counts[row]
+            out[f"coverage@{k}"] = float((counts > 0).sum()) / self.num_items
+            p = counts[counts > 0] / counts.sum().clamp(min=1)
+            out[f"entropy@{k}"] = float(-(p * p.log()).sum())
+        return out

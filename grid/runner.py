@@ -29,7 +29,7 @@ from grid.pipeline import Stages, component, params, prepare
 log = logging.getLogger(__name__)
 
 # Generator fields that change only inference, so a sweep over them reuses one trained model.
-INFERENCE_FIELDS = ("decoding", "beam_width")
+INFERENCE_FIELDS = ("decoding", "beam_width", "search")
 TRAINER_EVAL_FIELDS = ("eval_batch_size", "logger", "wandb_project", "progress_bar")
 MODEL_STAGE_VERSION = 2  # 2: T5 TIGER; fixed selection decoding
 # What a run writes to its folder: a later run in the same folder removes these (and only these).
@@ -219,6 +219,14 @@ def results_table(metrics: dict[str, float], baseline: dict[str, float], ks=(1, 
                 for k in ks
             )
             lines.append(f"{name + ' ' + split:24}{row}")
+    if "test/warm/users" in metrics:
+        m = {k[5:]: v for k, v in metrics.items() if k.startswith("test/")}
+        m = {k: m.get(k, float("nan")) for k in (*m, "warm/recall@10", "cold/recall@10")}
+        lines.append(
+            f"model test recall@10: warm {m['warm/recall@10']:.4f} ({m['warm/users']:.0f} users), "
+            f"cold {m['cold/recall@10']:.4f} ({m['cold/users']:.0f} users); "
+            f"coverage@10 {m['coverage@10']:.4f}, entropy@10 {m['entropy@10']:.2f}"
+        )
     if "infer/seconds" in metrics:
         lines.append(
             f"inference: {metrics['infer/seconds']:.1f} s over the test set, "
@@ -275,8 +283,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         # One process trains a key, the others wait and reuse it; a finished one needs no lock.
         with nullcontext() if cache.done("model", key) else cache.locked("model", key):
             best = _fit(cfg, model, datamodule, folder, logger)
-        checkpoint = torch.load(best, map_location="cpu", weights_only=False)
-        model.load_state_dict(checkpoint["state_dict"])
+        checkpoint = model.load_checkpoint(best)
         shutil.copy(best, out / "model.ckpt")
         selection = _selection(cfg, model, len(datamodule.valid_set), checkpoint)
         (out / "selection.json").write_text(json.dumps(selection, indent=2))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -50,6 +52,13 @@ class SemanticIDs:
     @property
     def length(self) -> int:
         return len(self.vocab_sizes)
+
+    @cached_property
+    def digest(self) -> str:
+        """A fingerprint of the codes and vocabularies (what a checkpoint was trained on)."""
+        h = hashlib.sha256(np.array(self.vocab_sizes, dtype=np.int64).tobytes())
+        h.update(self.codes.tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def num_unique(self) -> int:

@@ -3,12 +3,14 @@ import math
 import lightning as L
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from grid.data import SequenceDataModule, leave_one_out, pad
+from grid.generators.popularity import Popularity
 from grid.generators.sasrec import SASRec
 from grid.generators.tiger import TIGER
-from grid.metrics import KS, rank_metrics
+from grid.metrics import KS, RankingTotals, rank_metrics
 
 
 def brute_force(ranked: list[list[int]], targets: list[int], k: int) -> tuple[float, float]:
@@ -125,3 +127,87 @@ def test_tiger_metrics_are_a_mean_over_all_users(beauty):
     assert expect["valid/recall@20"] > 0.05
     assert_same(small, expect)
     assert_same(large, expect)
+
+
+# --- warm/cold, coverage and entropy over a real evaluation -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def first_users(beauty):
+    """The first 2,000 Beauty users over the full catalogue: many test targets are cold."""
+    return leave_one_out(beauty.sequences[:2000], 20)
+
+
+def untrained_sasrec(num_items: int) -> SASRec:
+    torch.manual_seed(0)  # random weights: diverse top-K lists; float64: batch-size independent
+    return SASRec(num_items, hidden=16, blocks=1).double()
+
+
+def test_warm_and_cold_users_add_up_to_overall(beauty, first_users):
+    split = first_users
+    dm = SequenceDataModule(split, eval_batch_size=128)
+    seen = set(np.concatenate(split.train).tolist())
+    cold_targets = sum(int(t) not in seen for t in split.test[1])
+    assert 0 < cold_targets < len(split.test[1])  # both groups are exercised
+    pop = Popularity(beauty.num_items, split.train)
+    for model in (pop, untrained_sasrec(beauty.num_items)):
+        (m,) = L.Trainer(**QUIET).test(model, dm.test_dataloader(), verbose=False)
+        assert m["test/cold/users"] == cold_targets
+        assert m["test/warm/users"] + m["test/cold/users"] == len(split.test[1])
+        for name in [f"{metric}@{k}" for metric in ("recall", "ndcg") for k in KS]:
+            weighted = (
+                m[f"test/warm/{name}"] * m["test/warm/users"]
+                + m[f"test/cold/{name}"] * m["test/cold/users"]
+            ) / len(split.test[1])
+            assert math.isclose(weighted, m[f"test/{name}"], rel_tol=1e-5, abs_tol=1e-7), name
+    assert m["test/warm/recall@20"] > 0  # the random model still hits some warm targets
+    (m,) = L.Trainer(**QUIET).test(pop, dm.test_dataloader(), verbose=False)
+    assert m["test/cold/recall@20"] == 0  # popularity never recommends an unseen item
+
+
+def test_coverage_and_entropy_equal_direct_computation(beauty, first_users):
+    dm = SequenceDataModule(first_users, eval_batch_size=128)
+    model = untrained_sasrec(beauty.num_items).eval()
+    (m,) = L.Trainer(**QUIET).test(model, dm.test_dataloader(), verbose=False)
+    with torch.no_grad():
+        lists = torch.cat([model.recommend(b, max(KS)) for b in dm.test_dataloader()]).numpy()
+    assert len(lists) == 2000
+    for k in KS:
+        items, counts = np.unique(lists[:, :k], return_counts=True)
+        assert math.isclose(m[f"test/coverage@{k}"], len(items) / beauty.num_items, rel_tol=1e-6)
+        assert math.isclose(m[f"test/entropy@{k}"], scipy.stats.entropy(counts), rel_tol=1e-6)
+    assert 0.05 < m["test/coverage@10"] < 1  # diverse lists, not one popular top-10
+
+
+def test_several_eval_batches_equal_one(beauty, first_users):
+    model = untrained_sasrec(beauty.num_items)
+    results = []
+    for size in (2000, 97):  # 97: 21 batches of unequal sizes, the last one short
+        dm = SequenceDataModule(first_users, eval_batch_size=size)
+        (m,) = L.Trainer(**QUIET).test(model, dm.test_dataloader(), verbose=False)
+        results.append({k: v for k, v in m.items() if not k.startswith("infer/")})
+    assert results[0].keys() == results[1].keys() and "test/entropy@20" in results[0]
+    for name, value in results[0].items():
+        assert math.isclose(results[1][name], value, rel_tol=1e-6, abs_tol=1e-9), name
+
+
+def test_totals_without_warm_flags_or_cold_users():
+    totals = RankingTotals(num_items=6, ks=(1, 2))
+    ranked, target = torch.tensor([[0, 1], [0, -1], [2, 3]]), torch.tensor([1, 0, 5])
+    totals.update(ranked, target)
+    assert totals.results() == pytest.approx(
+        {
+            "recall@1": 1 / 3,
+            "recall@2": 2 / 3,
+            "ndcg@1": 1 / 3,
+            "ndcg@2": (1 + 1 / math.log2(3)) / 3,
+            "coverage@1": 2 / 6,
+            "coverage@2": 4 / 6,
+            "entropy@1": scipy.stats.entropy([2, 1]),
+            "entropy@2": scipy.stats.entropy([2, 1, 1, 1]),
+        }
+    )
+    totals = RankingTotals(num_items=6, ks=(1,))
+    totals.update(ranked, target, warm=torch.tensor([True, True, True]))
+    out = totals.results()
+    assert out["cold/users"] == 0 and "cold/recall@1" not in out and out["warm/users"] == 3

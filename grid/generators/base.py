@@ -1,4 +1,4 @@
-"""What every generator shares: full-ranking evaluation and inference timing."""
+"""What every generator shares: full-ranking evaluation, inference timing, checkpoint checks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-from grid.metrics import KS, rank_metrics
+from grid.errors import GridError
+from grid.metrics import KS, RankingTotals
 from grid.sids import SemanticIDs
 
 
@@ -31,12 +32,14 @@ class Recommender(L.LightningModule):
 
     Subclasses implement `recommend(batch, k)` (and `training_step` when `trainable`). A batch
     holds `user [B]`, `history [B, T]` (item ids, right-padded with -1), `length [B]` and
-    `target [B]`. Validation and test compute Recall@K and NDCG@K over all items.
+    `target [B]`, and in evaluation `warm [B]` (target seen in training). Validation and test
+    compute Recall@K and NDCG@K over all items (overall, warm and cold), coverage and entropy.
     """
 
     trainable: bool = True
     # The stage outputs ("embeddings", "sids") it reads: only these stages run and key the model.
     consumes: frozenset[str] = frozenset({"sids"})
+    sids: SemanticIDs | None = None  # the SIDs a model is built on, checked when loading weights
 
     @classmethod
     def check_params(cls, **params) -> None:
@@ -51,7 +54,7 @@ class Recommender(L.LightningModule):
     def __init__(self, num_items: int, ks: tuple[int, ...] = KS):
         super().__init__()
         self.num_items, self.ks = num_items, tuple(ks)
-        self._sums: dict[str, torch.Tensor] = {}
+        self._totals = RankingTotals(num_items, self.ks)
         self._users = 0
         self._infer_seconds = 0.0
 
@@ -84,24 +87,62 @@ class Recommender(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self._infer_seconds += time.perf_counter() - start
-        for name, values in rank_metrics(ranked, batch["target"], self.ks).items():
-            self._sums[name] = self._sums.get(name, 0.0) + values.sum()
+        self._totals.update(ranked, batch["target"], batch.get("warm"))
         self._users += len(batch["target"])
 
     def _eval_start(self) -> None:
-        self._sums, self._users, self._infer_seconds = {}, 0, 0.0
+        self._totals = RankingTotals(self.num_items, self.ks, self.device)
+        self._users, self._infer_seconds = 0, 0.0
 
     def _eval_end(self, stage: str) -> None:
         reduce = self.trainer.strategy.reduce
-        users = reduce(torch.tensor(float(self._users), device=self.device), reduce_op="sum")
-        for name, total in sorted(self._sums.items()):
-            total = reduce(torch.as_tensor(total, device=self.device), reduce_op="sum")
-            self.log(f"{stage}/{name}", total / users, sync_dist=False)
+        self._totals.reduce(lambda total: reduce(total.to(self.device), reduce_op="sum"))
+        for name, value in sorted(self._totals.results().items()):
+            self.log(f"{stage}/{name}", value, sync_dist=False)
         if stage == "test":
             seconds = float(self._infer_seconds)
             self.log("infer/seconds", seconds)
             self.log("infer/ms_per_user", 1000.0 * seconds / max(self._users, 1))
             self.log("infer/users_per_s", self._users / max(seconds, 1e-9))
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def checkpoint_signature(self) -> dict:
+        """What a checkpoint must match to be loaded: generator, catalogue and SID vocabulary."""
+        sids = self.sids
+        return {
+            "generator": type(self).__name__,
+            "num_items": self.num_items,
+            "sid_vocab_sizes": None if sids is None else list(sids.vocab_sizes),
+            "sid_digest": None if sids is None else sids.digest,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["grid"] = self.checkpoint_signature()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("grid")
+        if saved is None:  # written before signatures existed: nothing to compare
+            return
+        ours = self.checkpoint_signature()
+        for field, what in (
+            ("generator", "generator"),
+            ("num_items", "catalogue size"),
+            ("sid_vocab_sizes", "SID vocabulary sizes"),
+            ("sid_digest", "semantic IDs"),
+        ):
+            if saved.get(field) != ours[field]:
+                raise GridError(
+                    f"checkpoint made for {what} {saved.get(field)} cannot load into a model "
+                    f"with {ours[field]}; load it with the generator and SIDs it was trained on"
+                )
+
+    def load_checkpoint(self, path) -> dict:
+        """Load weights from a Lightning checkpoint after checking its signature; return it."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        self.on_load_checkpoint(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"])
+        return checkpoint
 
     def on_validation_epoch_start(self) -> None:
         self._eval_start()
