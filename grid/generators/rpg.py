@@ -52,11 +52,11 @@ def item_graph(
     unit = F.normalize(codebooks.float(), dim=-1)
     cosine = unit @ unit.transpose(1, 2)  # [m, V, V]: code-code cosine per position
     N = len(item_index)
-    local = item_index - torch.arange(m, device=item_index.device) * V
+    offsets = torch.arange(m, device=item_index.device) * V
     block = graph_block(N, chunk_bytes)
     graph = torch.empty(N, n_edges, dtype=torch.int32, device=item_index.device)
     for start in range(0, N, block):
-        codes = local[start : start + block].T  # [m, b]
+        codes = (item_index[start : start + block] - offsets).T  # [m, b] codes of the block
         # table[p * V + v, i] = cos(code v, code of item i) at position p
         table = cosine.gather(2, codes[:, None, :].expand(m, V, -1)).reshape(m * V, -1)
         sims = sum_rows(item_index, table)  # [N, b]; m x the mean similarity
