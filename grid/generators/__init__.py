@@ -2,12 +2,14 @@
 
 from grid.generators.base import PipelineInputs, Recommender
 from grid.generators.popularity import Popularity
+from grid.generators.rpg import RPG
 from grid.generators.sasrec import SASRec
 from grid.generators.simgr import SimGR
 from grid.generators.tiger import TIGER
 
 GENERATORS: dict[str, type[Recommender]] = {
     "popularity": Popularity,
+    "rpg": RPG,
     "sasrec": SASRec,
     "simgr": SimGR,
     "tiger": TIGER,

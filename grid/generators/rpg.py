@@ -1,0 +1,330 @@
+"""RPG: all codes of a long, unordered semantic ID predicted in parallel (Hou et al., KDD 2025)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grid.data import last_items
+from grid.errors import GridError
+from grid.generators.base import PipelineInputs, Recommender
+from grid.generators.tiger import Block, Layout
+from grid.sids import SemanticIDs
+
+DECODINGS = ("exact", "graph")
+SCORE_CHUNK_BYTES = 2**26  # item scores held at once by exact decoding
+GRAPH_CHUNK_BYTES = 2**28  # similarities held at once while building the item graph
+GRAPH_BLOCK_ITEMS = 512  # graph rows built at once: keeps the lookup table in cache
+
+
+def sum_rows(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """`out[i] = sum_p table[index[i, p]]`: `[n, m]` rows of `[R, c]` -> `[n, c]`.
+
+    One embedding_bag pass (no `[n, m, c]` intermediate); it adds the m rows in order, so
+    every caller gets bit-identical sums.
+    """
+    return F.embedding_bag(index, table, mode="sum")
+
+
+def graph_block(num_items: int, chunk_bytes: int = GRAPH_CHUNK_BYTES) -> int:
+    """Items whose graph rows are built together: `[num_items, block]` floats fit `chunk_bytes`."""
+    return max(1, min(num_items, GRAPH_BLOCK_ITEMS, chunk_bytes // (4 * num_items)))
+
+
+@torch.no_grad()
+def item_graph(
+    codebooks: torch.Tensor,
+    item_index: torch.Tensor,
+    n_edges: int,
+    chunk_bytes: int = GRAPH_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Each item's `n_edges` most similar items (itself included), as int32 `[N, n_edges]`.
+
+    Similarity of two items = mean over code positions of the cosine between their codes'
+    embeddings (`codebooks [m, V, d]`; `item_index [N, m]` holds flat rows `p * V + code`).
+    Built for a block of items at a time, so memory stays O(N x block), never N x N.
+    """
+    m, V, _ = codebooks.shape
+    unit = F.normalize(codebooks.float(), dim=-1)
+    cosine = unit @ unit.transpose(1, 2)  # [m, V, V]: code-code cosine per position
+    N = len(item_index)
+    offsets = torch.arange(m, device=item_index.device) * V
+    block = graph_block(N, chunk_bytes)
+    graph = torch.empty(N, n_edges, dtype=torch.int32, device=item_index.device)
+    for start in range(0, N, block):
+        codes = (item_index[start : start + block] - offsets).T  # [m, b] codes of the block
+        # table[p * V + v, i] = cos(code v, code of item i) at position p
+        table = cosine.gather(2, codes[:, None, :].expand(m, V, -1)).reshape(m * V, -1)
+        sims = sum_rows(item_index, table)  # [N, b]; m x the mean similarity
+        graph[start : start + block] = sims.topk(n_edges, dim=0).indices.T.int()
+    return graph
+
+
+class RPG(Recommender):
+    """Multi-token prediction over OPQ-style codes with a small causal transformer.
+
+    An item enters as the mean of its m code embeddings; the state after the history goes
+    through one residual projection per code position, and a code's logit is the cosine with
+    that position's code embedding over `tau` (embeddings shared by input and output). An item
+    scores the mean log-probability of its codes: `decoding: exact` scores the whole catalogue,
+    `graph` refines a beam over an item similarity graph (the paper's graph-constrained
+    decoding). Model selection (validation) always scores exactly.
+    """
+
+    @classmethod
+    def build(cls, inputs: PipelineInputs, **params) -> RPG:
+        if inputs.sids is None:
+            raise GridError(
+                "generator=rpg needs semantic IDs: configure a tokenizer stage (e.g. tokenizer=opq)"
+            )
+        if inputs.sids.num_items != inputs.num_items:
+            raise GridError(
+                f"the semantic IDs cover {inputs.sids.num_items} items but the catalogue has "
+                f"{inputs.num_items}; re-run the tokenizer stage on this dataset"
+            )
+        return cls(inputs.sids, **params)
+
+    def __init__(
+        self,
+        sids: SemanticIDs,
+        hidden: int = 448,
+        layers: int = 2,
+        heads: int = 4,
+        d_ff: int = 1024,
+        dropout: float = 0.1,
+        tau: float = 0.03,
+        max_history: int = 20,
+        lr: float = 0.01,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 0,
+        decoding: str = "exact",
+        beam_width: int = 10,
+        n_edges: int = 100,
+        steps: int = 3,
+        bf16: bool = True,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(sids.num_items, **kwargs)
+        N = sids.num_items
+        if decoding not in DECODINGS:
+            raise GridError(f"rpg: decoding {decoding!r} is not one of {DECODINGS}")
+        if not tau > 0:
+            raise GridError(f"rpg: tau={tau} must be > 0 (the paper uses 0.03-0.07)")
+        for name, value in (("n_edges", n_edges), ("beam_width", beam_width)):
+            if decoding == "graph" and not 1 <= value <= N:
+                raise GridError(
+                    f"rpg: {name}={value} must lie in [1, {N}] (the catalogue has {N} items); "
+                    f"set generator.{name} to at most {N}"
+                )
+        if steps < 1 or max_history < 1:
+            raise GridError("rpg: steps and max_history must be >= 1")
+        if hidden % heads:
+            raise GridError(f"rpg: hidden={hidden} must be divisible by heads={heads}")
+        self.save_hyperparameters(ignore=["sids"])
+        self.sids, self.tau, self.max_history = sids, tau, max_history
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.decoding, self.bf16 = decoding, bf16
+        self.beam_width, self.n_edges, self.steps = beam_width, n_edges, steps
+        self.positions = m = sids.length
+        V = max(sids.vocab_sizes)  # positions with smaller vocabularies are padded and masked
+        codes = torch.as_tensor(sids.codes)
+        self.register_buffer("item_index", codes + torch.arange(m) * V, persistent=False)
+        # the same rows position by position, for gathering a few items per user
+        self.register_buffer("rows_by_position", self.item_index.T.contiguous(), persistent=False)
+        unused = torch.arange(V) >= torch.tensor(sids.vocab_sizes)[:, None]
+        self.register_buffer("unused_codes", unused if unused.any() else None, persistent=False)
+        start = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("start_items", start, persistent=False)
+        self._graph: torch.Tensor | None = None
+        self._scoring = decoding  # validation switches to exact
+        self._graph_seconds = 0.0
+
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.codebooks = nn.Parameter(0.02 * torch.randn(m, V, hidden))
+            self.pos = nn.Embedding(max_history, hidden)
+            self.drop = nn.Dropout(dropout)
+            self.blocks = nn.ModuleList(
+                Block(hidden, heads, hidden // heads, d_ff, dropout, cross=False)
+                for _ in range(layers)
+            )
+            self.norm = nn.LayerNorm(hidden)
+            # one residual projection x + SiLU(W_p x + b_p) per code position, W_p starting at 0
+            self.heads = nn.Linear(hidden, m * hidden)
+            for module in (self.pos, *self.blocks.modules()):
+                if isinstance(module, nn.Linear | nn.Embedding):
+                    nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(self.heads.weight)
+
+    # --- model -------------------------------------------------------------------------------
+
+    def user_state(self, history: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """Transformer state `[B, hidden]` after the last real item of right-padded histories."""
+        history, length = last_items(history, length.clamp(min=1), self.max_history)
+        B, T = history.shape
+        ar = torch.arange(T, device=history.device)
+        keep = ar < length[:, None]
+        # right padding under causal attention: real positions never see the padding, so it
+        # needs no mask; linear layers skip it (packed tokens)
+        index = None if bool(keep.all()) else keep.flatten().nonzero()[:, 0]
+        layout = Layout(B, T, index, causal=True)
+        items = layout.pack(history[..., None])[:, 0]
+        recency = layout.pack((length[:, None] - 1 - ar)[..., None])[:, 0]  # 0: latest item
+        x = F.embedding_bag(self.item_index[items], self.codebooks.flatten(0, 1), mode="mean")
+        x = self.drop(x + self.pos(recency))
+        with self._autocast():
+            for block in self.blocks:
+                x = block(x, layout)[0]
+        last = layout.pad(x.float())[torch.arange(B, device=x.device), length - 1]
+        return self.norm(last)
+
+    def _autocast(self):
+        """bf16 matmuls where enabled: on CPUs with bf16 dot products they run several x faster."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def code_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits `[B, m, V]` (float32) of every code at every position: cosine / tau."""
+        h = self.user_state(batch["history"], batch["length"])
+        with self._autocast():
+            states = h[:, None] + F.silu(self.heads(h).view(len(h), self.positions, -1))
+        # cosines in float32: bf16 would round them to steps of ~0.004, i.e. logit steps of
+        # ~0.13 at tau 0.03, and tie many item scores
+        states = F.normalize(states.float(), dim=-1).transpose(0, 1)  # [m, B, d]
+        codes = F.normalize(self.codebooks, dim=-1)
+        logits = (states @ codes.transpose(1, 2)).transpose(0, 1) / self.tau
+        if self.unused_codes is not None:
+            logits = logits.masked_fill(self.unused_codes, float("-inf"))
+        return logits
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of the target's code at each position, averaged over positions."""
+        logits = self.code_logits(batch)
+        codes = self.item_index[batch["target"]] % logits.shape[-1]
+        return F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._graph = None  # the graph follows the code embeddings
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total = self.trainer.estimated_stepping_batches
+        warmup = self.warmup_steps
+
+        def factor(step: int) -> float:  # linear warm-up, then cosine decay (official recipe)
+            if step < warmup:
+                return (step + 1) / warmup
+            if not math.isfinite(total) or total <= warmup:
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / (total - warmup), 1.0)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- scoring and decoding ----------------------------------------------------------------
+
+    def code_log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Flat per-position code log-probabilities `[B, m * V]` (row `p * V + code`)."""
+        return self.code_logits(batch).log_softmax(-1).flatten(1)
+
+    def item_scores(
+        self, log_probs: torch.Tensor, items: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean code log-probability `[B, n]` of `items` (all items when None) for every user."""
+        index = self.item_index if items is None else self.item_index[items]
+        return sum_rows(index, log_probs.T.contiguous()).T / self.positions
+
+    def exact_top_k(
+        self, log_probs: torch.Tensor, k: int, chunk_bytes: int = SCORE_CHUNK_BYTES
+    ) -> torch.Tensor:
+        """Top-k items `[B, k]` over the whole catalogue, scored a block of items at a time."""
+        table = log_probs.T.contiguous()  # [m * V, B]: one row per code
+        block = max(1, chunk_bytes // (4 * table.shape[1]))
+        best = None
+        for start in range(0, self.num_items, block):
+            scores = sum_rows(self.item_index[start : start + block], table).T  # [B, b]
+            top = scores.topk(min(k, scores.shape[1]), dim=1)
+            cand = (top.values, top.indices + start)
+            if best is not None:
+                values = torch.cat([best[0], cand[0]], dim=1)
+                pick = values.topk(min(k, values.shape[1]), dim=1).indices
+                cand = (values.gather(1, pick), torch.cat([best[1], cand[1]], 1).gather(1, pick))
+            best = cand
+        return F.pad(best[1], (0, k - best[1].shape[1]), value=-1)
+
+    def build_graph(self) -> torch.Tensor:
+        """The item graph of the current code embeddings (cached until the next training step)."""
+        if self._graph is None:
+            start = time.perf_counter()
+            self._graph = item_graph(self.codebooks.detach(), self.item_index, self.n_edges)
+            self._graph_seconds = time.perf_counter() - start
+        return self._graph
+
+    def _candidate_scores(self, log_probs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Summed code log-probabilities `[B, C]` of per-user items `[B, C]`, added in the same
+        order as `sum_rows` adds them, so graph and exact decoding agree bit for bit."""
+        flat = items.flatten()
+        total = None
+        for rows in self.rows_by_position:  # [N] rows of each item's code at one position
+            scores = log_probs.gather(1, rows.gather(0, flat).view_as(items))
+            total = scores if total is None else total.add_(scores)
+        return total
+
+    def _best(self, log_probs: torch.Tensor, cand: torch.Tensor, n: int) -> torch.Tensor:
+        """The n best distinct items `[B, n]` of candidates `[B, C]` (-1 where fewer)."""
+        cand, _ = cand.sort(dim=1)
+        first = torch.ones_like(cand, dtype=torch.bool)
+        first[:, 1:] = cand[:, 1:] != cand[:, :-1]
+        slot = first.cumsum(1) - 1  # each candidate's rank among its row's distinct items
+        width = int(slot[:, -1].max()) + 1  # neighbourhoods overlap: score each item once
+        items = cand.new_full((len(cand), width), -1).scatter_(1, slot, cand)
+        scores = self._candidate_scores(log_probs, items.clamp(min=0))
+        scores = scores.masked_fill(items < 0, float("-inf"))
+        top = scores.topk(min(n, width), dim=1)
+        best = items.gather(1, top.indices).masked_fill(top.values == float("-inf"), -1)
+        return F.pad(best, (0, n - width), value=-1) if width < n else best
+
+    def graph_top_k(self, log_probs: torch.Tensor, user: torch.Tensor, k: int) -> torch.Tensor:
+        """Graph-constrained decoding: a seeded beam, moved `steps` times to its best neighbours.
+
+        Each user's first beam is its own slice of a permutation drawn under `seed`, so results
+        do not depend on how users are batched. The final list ranks the last round's candidates
+        (the beam and its neighbours), so it may be longer than the beam.
+        """
+        graph = self.build_graph()
+        W, N = self.beam_width, self.num_items
+        cand = self.start_items[(user[:, None] * W + torch.arange(W, device=user.device)) % N]
+        for _ in range(self.steps):
+            beam = self._best(log_probs, cand, W)
+            cand = torch.cat([beam, graph[beam].flatten(1).long()], dim=1)
+        return self._best(log_probs, cand, k)
+
+    @torch.no_grad()
+    def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+        log_probs = self.code_log_probs(batch)
+        if self._scoring == "graph":
+            return self.graph_top_k(log_probs, batch["user"], k)
+        return self.exact_top_k(log_probs, k)
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._scoring = "exact"  # model selection always scores every item
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._scoring = self.decoding
+        if self.decoding == "graph":
+            self._graph = None
+            self.build_graph()  # once per evaluation, timed apart from per-user inference
+
+    def _eval_end(self, stage: str) -> None:
+        super()._eval_end(stage)
+        if stage == "test" and self.decoding == "graph":
+            self.log("infer/graph_build_seconds", self._graph_seconds)
