@@ -19,7 +19,7 @@ from grid.config import to_yaml
 from grid.data import SequenceDataModule
 from grid.errors import GridError
 from grid.generators import GENERATORS, PipelineInputs, Popularity, Recommender
-from grid.pipeline import Stages, component, params, prepare
+from grid.pipeline import Stages, component, embed_collaborative, params, prepare
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ def model_key(cfg: DictConfig, stages: Stages) -> str:
         k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if k not in TRAINER_EVAL_FIELDS
     }
     upstream = stages.sids_key or stages.embeddings_key
+    if stages.cf_embeddings_key is not None:
+        upstream = [upstream, stages.cf_embeddings_key]
     return stage_key(
         "model",
         MODEL_STAGE_VERSION,
@@ -163,6 +165,11 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     cache = StageCache(os.environ.get("GRID_CACHE", cfg.cache_dir))
     stages = prepare(cfg, cache, tokenize_items=generator_cls.needs_sids)
     provenance = {"embeddings": str(cache.path("embeddings", stages.embeddings_key))}
+    if generator_cls.needs_cf:
+        stages.cf_embeddings, stages.cf_embeddings_key = embed_collaborative(
+            stages.dataset, stages.split, cfg.generator.get("cf_encoder"), cache
+        )
+        provenance["cf_embeddings"] = str(cache.path("embeddings", stages.cf_embeddings_key))
     if stages.tokenizer_report is not None:
         (out / "tokenizer_report.json").write_text(json.dumps(stages.tokenizer_report, indent=2))
         shutil.copy(cache.path("sids", stages.sids_key) / "sids.npz", out / "sids.npz")
@@ -184,6 +191,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         stages.split.train,
         stages.sids,
         stages.embeddings,
+        cf_embeddings=stages.cf_embeddings,
     )
     model = generator_cls.build(inputs, **params(cfg.generator))
     logger = _logger(cfg, out)

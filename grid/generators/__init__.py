@@ -3,11 +3,13 @@
 from grid.generators.base import PipelineInputs, Recommender
 from grid.generators.popularity import Popularity
 from grid.generators.sasrec import SASRec
+from grid.generators.setrec import SETRec
 from grid.generators.tiger import TIGER
 
 GENERATORS: dict[str, type[Recommender]] = {
     "popularity": Popularity,
     "sasrec": SASRec,
+    "setrec": SETRec,
     "tiger": TIGER,
 }
 

@@ -23,6 +23,7 @@ class PipelineInputs:
     train_sequences: list[np.ndarray]
     sids: SemanticIDs | None = None
     item_embeddings: np.ndarray | None = None
+    cf_embeddings: np.ndarray | None = None  # `generator.cf_encoder`'s, for `needs_cf` generators
 
 
 class Recommender(L.LightningModule):
@@ -35,6 +36,7 @@ class Recommender(L.LightningModule):
 
     trainable: bool = True
     needs_sids: bool = True  # False: the runner skips the tokenizer stage
+    needs_cf: bool = False  # True: the runner also embeds items with `generator.cf_encoder`
 
     @classmethod
     def build(cls, inputs: PipelineInputs, **params) -> Recommender:

@@ -13,8 +13,8 @@ from grid.metrics import KS
 
 
 class Block(nn.Module):
-    """Pre-LN block: causal self-attention, then a point-wise feed-forward layer as wide as its
-    input (as in the original SASRec)."""
+    """Pre-LN block: causal self-attention (or attention under a bool `mask`, True: may attend),
+    then a point-wise feed-forward layer as wide as its input (as in the original SASRec)."""
 
     def __init__(self, hidden: int, heads: int, dropout: float):
         super().__init__()
@@ -25,12 +25,14 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
         q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None
+        )
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
