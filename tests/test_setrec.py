@@ -161,14 +161,13 @@ def trained(beauty, beauty_split, beauty_embeddings, one_thread):
         ae_hidden=[128],
         dropout=0.0,
         lr=1e-2,
-        bf16=False,
     )
     dm = SequenceDataModule(beauty_split, max_history=20, batch_size=256, seed=0, val_users=3000)
     L.Trainer(max_steps=150, **QUIET).fit(model, dm.train_dataloader())
     return model, dm
 
 
-def evaluate(model: SETRec, split: Split, users: int = 3000) -> tuple[dict, dict]:
+def evaluate(model: SETRec, split: Split, users: int = 2000) -> tuple[dict, dict]:
     """The runner's order on the first `users` users: validation (which chooses beta), then test."""
     model.beta = model.hparams.beta
     valid, test = ((h[:users], t[:users]) for h, t in (split.valid, split.test))
@@ -238,11 +237,11 @@ def small_beauty(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_run_caches_the_cf_stage_and_writes_beta(small_beauty, tmp_path, capsys):
+def test_run_caches_the_cf_stage_and_writes_beta(small_beauty, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GRID_CACHE", str(tmp_path / "cache"))  # a fresh cache: every stage runs
     args = [
         "data=custom",
         f"data.path={small_beauty}",
-        f"cache_dir={tmp_path / 'cache'}",
         "encoder=cf:mf",  # stands in for text embeddings: no MiniLM encoding in this test
         "encoder.epochs=2",
         "generator=setrec",

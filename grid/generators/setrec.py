@@ -154,8 +154,9 @@ class SETRec(Recommender):
         eye = torch.eye(len(structure), dtype=torch.bool, device=x.device)
         # padded keys are hidden; padded positions still see themselves (no empty softmax row)
         mask = structure & (real[:, None, :] | eye)
-        for block in self.blocks:
-            x = block(x, mask[:, None])
+        for i, block in enumerate(self.blocks):
+            # only the queries' outputs are read: the last block computes those alone
+            x = block(x, mask[:, None], last=n if i == len(self.blocks) - 1 else None)
         return self.ln_f(x[:, -n:])
 
     def query_outputs(self, batch: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
@@ -222,6 +223,10 @@ class SETRec(Recommender):
         weight[0] = 1.0 - beta
         return ((out * weight).flatten(1).to(table.dtype) @ table.T).float()
 
+    def _top(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        top = scores.topk(min(k, self.num_items), dim=1).indices
+        return F.pad(top, (0, k - top.shape[1]), value=-1)
+
     @torch.no_grad()
     def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
         if self.beta is None:
@@ -229,8 +234,7 @@ class SETRec(Recommender):
                 "setrec: beta is chosen on validation data: validate before testing, or set "
                 "generator.beta"
             )
-        top = self.scores(batch, self.beta).topk(min(k, self.num_items), dim=1).indices
-        return F.pad(top, (0, k - top.shape[1]), value=-1)
+        return self._top(self.scores(batch, self.beta), k)
 
     # --- evaluation: beta chosen on validation -------------------------------------------------
 
@@ -249,7 +253,7 @@ class SETRec(Recommender):
             return super().validation_step(batch, batch_idx)
         cf, semantic = self.dimension_scores(batch)
         for sums, beta in zip(self._beta_sums, BETAS, strict=True):
-            ranked = torch.lerp(cf, semantic, beta).topk(max(self.ks), dim=1).indices
+            ranked = self._top(torch.lerp(cf, semantic, beta), max(self.ks))
             for name, values in rank_metrics(ranked, batch["target"], self.ks).items():
                 sums[name] = sums.get(name, 0.0) + values.sum()
         self._users += len(batch["target"])
