@@ -12,7 +12,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from grid.cache import StageCache, stage_key
-from grid.config import load_group
+from grid.config import available, load_group
 from grid.data import Dataset, Split, leave_one_out, load_dataset
 from grid.encoders import ENCODERS
 from grid.errors import GridError
@@ -43,7 +43,7 @@ def component(registry: dict, cfg: DictConfig, group: str):
 
 
 # The stage outputs a generator can consume (`Recommender.consumes`).
-STAGE_OUTPUTS = frozenset({"embeddings", "sids"})
+STAGE_OUTPUTS = frozenset({"embeddings", "sids", "cf_embeddings"})
 
 
 @dataclass
@@ -57,6 +57,8 @@ class Stages:
     sids: SemanticIDs | None = None
     sids_key: str | None = None
     tokenizer_report: dict | None = None
+    cf_embeddings: np.ndarray | None = None
+    cf_embeddings_key: str | None = None
 
     def key(self, output: str) -> str | None:
         """The cache key of a stage output named as in `Recommender.consumes`."""
@@ -106,6 +108,26 @@ def embed(
     folder, hit = cache.get("embeddings", key, build)
     log.info("embeddings %s (%s)", key, "cached" if hit else "computed")
     return np.load(folder / "embeddings.npy"), key
+
+
+def embed_collaborative(
+    dataset: Dataset, split: Split, encoder: str | DictConfig | None, cache: StageCache
+) -> tuple[np.ndarray, str]:
+    """CF item embeddings from `generator.cf_encoder` (a `cf` encoder config name or inline
+    config), for generators that read them beside the text embeddings; cached like `embed`."""
+    choices = ", ".join(n for n in available("encoder") if n.startswith("cf:"))
+    if encoder is None:
+        raise GridError(
+            f"this generator needs collaborative item embeddings but generator.cf_encoder is "
+            f"null; set it to a CF encoder config ({choices})"
+        )
+    cfg = OmegaConf.create(load_group("encoder", encoder) if isinstance(encoder, str) else encoder)
+    if cfg.get("name") != "cf":
+        raise GridError(
+            f"generator.cf_encoder={encoder if isinstance(encoder, str) else 'inline'} is a "
+            f"{cfg.get('name')!r} encoder, not a collaborative one; choose one of {choices}"
+        )
+    return embed(dataset, split, cfg, cache)
 
 
 FIT_ITEMS = ("all", "train")
@@ -204,5 +226,9 @@ def prepare(
         seen = np.unique(np.concatenate(split.train))
         stages.sids, stages.sids_key, stages.tokenizer_report = tokenize(
             stages.embeddings, stages.embeddings_key, cfg.tokenizer, cache, seen
+        )
+    if "cf_embeddings" in consumes:
+        stages.cf_embeddings, stages.cf_embeddings_key = embed_collaborative(
+            dataset, split, cfg.generator.get("cf_encoder"), cache
         )
     return stages

@@ -253,6 +253,8 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     provenance = {}  # cache folder per stage
     if stages.embeddings_key is not None:
         provenance["embeddings"] = str(cache.path("embeddings", stages.embeddings_key))
+    if stages.cf_embeddings_key is not None:
+        provenance["cf_embeddings"] = str(cache.path("embeddings", stages.cf_embeddings_key))
     if stages.tokenizer_report is not None:
         (out / "tokenizer_report.json").write_text(json.dumps(stages.tokenizer_report, indent=2))
         shutil.copy(cache.path("sids", stages.sids_key) / "sids.npz", out / "sids.npz")
@@ -274,6 +276,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         stages.split.train,
         stages.sids,
         stages.embeddings,
+        cf_embeddings=stages.cf_embeddings,
     )
     model = generator_cls.build(inputs, **params(cfg.generator))
     if model.trainable:

@@ -25,6 +25,7 @@ class PipelineInputs:
     train_sequences: list[np.ndarray]
     sids: SemanticIDs | None = None
     item_embeddings: np.ndarray | None = None
+    cf_embeddings: np.ndarray | None = None  # `generator.cf_encoder`'s, when consumed
 
 
 class Recommender(L.LightningModule):
@@ -37,7 +38,8 @@ class Recommender(L.LightningModule):
     """
 
     trainable: bool = True
-    # The stage outputs ("embeddings", "sids") it reads: only these stages run and key the model.
+    # The stage outputs it reads ("embeddings", "sids", "cf_embeddings"): only these stages run
+    # and key the model.
     consumes: frozenset[str] = frozenset({"sids"})
     sids: SemanticIDs | None = None  # the SIDs a model is built on, checked when loading weights
 

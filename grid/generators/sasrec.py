@@ -14,8 +14,8 @@ from grid.metrics import KS
 
 
 class Block(nn.Module):
-    """Pre-LN block: causal self-attention, then a point-wise feed-forward layer as wide as its
-    input (as in the original SASRec)."""
+    """Pre-LN block: causal self-attention (or attention under a bool `mask`, True: may attend),
+    then a point-wise feed-forward layer as wide as its input (as in the original SASRec)."""
 
     def __init__(self, hidden: int, heads: int, dropout: float):
         super().__init__()
@@ -26,13 +26,23 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, last: int | None = None
+    ) -> torch.Tensor:
+        """With `last` (and a `mask`), only the last `last` positions are computed and returned;
+        every position still serves as a key."""
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        if last is not None:
+            q, x, mask = q[:, -last:], x[:, -last:], mask[..., -last:, :]
+        Tq = q.shape[1]
+        q = q.view(B, Tq, self.heads, C // self.heads).transpose(1, 2)
+        k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (k, v))
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None
+        )
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, Tq, C)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 

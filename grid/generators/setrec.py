@@ -1,0 +1,272 @@
+"""SETRec: each item is a set of order-agnostic tokens (one CF, N semantic), generated at once."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grid.data import last_items
+from grid.errors import GridError
+from grid.generators.base import PipelineInputs, Recommender
+from grid.generators.sasrec import Block, SASRec
+from grid.metrics import KS, rank_metrics
+
+BETAS = tuple(i / 10 for i in range(11))  # the validation grid when `beta` is null
+SELECT_BY = "ndcg@10"  # picks beta on validation (the default monitor); ties: the smaller beta
+
+
+def set_attention_mask(items: int, tokens_per_item: int, queries: int) -> torch.Tensor:
+    """SETRec's sparse mask `[S, S]` (True: may attend), S = items x tokens_per_item + queries.
+
+    A history token sees itself and every token of earlier items, never the other tokens of its
+    own item; a query sees every history token and itself, never the other queries.
+    """
+    S = items * tokens_per_item + queries
+    group = (torch.arange(S) // tokens_per_item).clamp(max=items)  # the queries form group `items`
+    return (group[:, None] > group[None, :]) | torch.eye(S, dtype=torch.bool)
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """Linear layers with ReLU between them (none after the last)."""
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+class SETRec(Recommender):
+    """Set identifiers for generative recommendation (Lin et al., SIGIR 2025), as configured here.
+
+    Item i is the set {CF token, semantic tokens 1..N}: the CF token is a linear map of a CF item
+    embedding, the semantic tokens split the latent of an autoencoder over i's text embedding.
+    A transformer reads the history's tokens under `set_attention_mask`; N+1 learnable queries
+    each emit the token of one dimension, scored against that dimension's token of every item.
+    Inference score: (1 - beta) x CF score + beta x sum of the N semantic scores.
+    """
+
+    consumes = frozenset({"embeddings", "cf_embeddings"})
+
+    @classmethod
+    def build(cls, inputs: PipelineInputs, cf_encoder=None, **params) -> SETRec:
+        # cf_encoder names the stage that produced inputs.cf_embeddings (see the runner)
+        if inputs.cf_embeddings is None:
+            raise GridError(
+                "generator=setrec needs collaborative item embeddings: set generator.cf_encoder "
+                "to a CF encoder config (e.g. cf:sasrec)"
+            )
+        if inputs.item_embeddings is None:
+            raise GridError("generator=setrec needs text item embeddings: configure an encoder")
+        return cls(inputs.item_embeddings, inputs.cf_embeddings, **params)
+
+    def __init__(
+        self,
+        text_embeddings: np.ndarray,
+        cf_embeddings: np.ndarray,
+        semantic_tokens: int = 4,
+        hidden: int = 64,
+        blocks: int = 2,
+        heads: int = 1,
+        dropout: float = 0.1,
+        ae_hidden: tuple[int, ...] = (512, 256, 128),
+        alpha: float = 0.7,
+        beta: float | None = None,
+        whiten: bool = True,
+        max_history: int = 20,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        bf16: bool = True,
+        ks: tuple[int, ...] = KS,
+    ):
+        super().__init__(len(text_embeddings), ks)
+        if len(cf_embeddings) != len(text_embeddings):
+            raise GridError(
+                f"setrec: {len(cf_embeddings)} CF embeddings for {len(text_embeddings)} items; "
+                f"embed both with the same dataset"
+            )
+        if beta is not None and not 0.0 <= beta <= 1.0:
+            raise GridError(
+                f"setrec: beta={beta} must lie in [0, 1] (the weight of the semantic scores), "
+                f"or be null to choose it on validation"
+            )
+        if alpha < 0:
+            raise GridError(f"setrec: alpha={alpha} must be >= 0 (weight of the reconstruction)")
+        if semantic_tokens < 1 or max_history < 1:
+            raise GridError("setrec: semantic_tokens and max_history must be >= 1")
+        if hidden % heads:
+            raise GridError(f"setrec: hidden={hidden} must be divisible by heads={heads}")
+        self.save_hyperparameters(ignore=["text_embeddings", "cf_embeddings"])
+        self.alpha, self.beta, self.max_history = alpha, beta, max_history
+        self.lr, self.weight_decay, self.bf16 = lr, weight_decay, bf16
+        self.dims = semantic_tokens + 1  # tokens per item: CF first, then the semantic ones
+
+        text = torch.as_tensor(text_embeddings, dtype=torch.float32)
+        if whiten:  # per-dimension standardisation: the reconstruction loss is O(1) per encoder
+            std = text.std(0)
+            text = (text - text.mean(0)) / std.clamp(min=1e-6 * float(std.max()))  # constant: 0
+        # inputs from the cached stages, not learned: kept out of checkpoints
+        self.register_buffer("text", text, persistent=False)
+        cf = torch.as_tensor(cf_embeddings, dtype=torch.float32)
+        self.register_buffer("cf", cf, persistent=False)
+
+        self.cf_proj = nn.Linear(cf.shape[1], hidden)
+        sizes = [text.shape[1], *ae_hidden, semantic_tokens * hidden]
+        self.encoder, self.decoder = mlp(sizes), mlp(sizes[::-1])
+        self.pos_emb = nn.Embedding(max_history, hidden)
+        self.queries = nn.Parameter(0.02 * torch.randn(self.dims, hidden))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(blocks))
+        self.ln_f = nn.LayerNorm(hidden)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)  # small beside the tokens, as in SASRec
+        self.blocks.apply(SASRec._init)
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # see `_tables`
+        self._beta_sums: list[dict[str, torch.Tensor]] = []
+
+    def _autocast(self):
+        """bf16 matmuls where enabled: on CPUs with bf16 dot products they run several x faster."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    # --- item tokens ---------------------------------------------------------------------------
+
+    def item_tokens(self, latent: torch.Tensor | None = None) -> torch.Tensor:
+        """Every item's token set `[num_items, N + 1, hidden]`, the CF token first."""
+        latent = self.encoder(self.text) if latent is None else latent
+        cf = self.cf_proj(self.cf)
+        return torch.cat([cf[:, None], latent.view(len(cf), self.dims - 1, -1)], dim=1)
+
+    # --- history encoding and query-guided generation -----------------------------------------
+
+    def generate(self, tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """Query outputs `[B, N + 1, hidden]` for history token sets `[B, T, N + 1, hidden]`
+        (right-padded; `length` real items per row): output j predicts the next item's token j."""
+        B, T, n, d = tokens.shape
+        ar = torch.arange(T, device=tokens.device)
+        # the tokens of one item share its position, counted back from the most recent item
+        pos = (length[:, None] - 1 - ar).clamp(min=0)
+        x = (tokens + self.pos_emb(pos)[:, :, None]).flatten(1, 2)
+        x = self.drop(torch.cat([x, self.queries.expand(B, n, d)], dim=1))
+        real = torch.cat(
+            [(ar < length[:, None]).repeat_interleave(n, dim=1), x.new_ones(B, n, dtype=bool)], 1
+        )
+        structure = set_attention_mask(T, n, n).to(x.device)
+        eye = torch.eye(len(structure), dtype=torch.bool, device=x.device)
+        # padded keys are hidden; padded positions still see themselves (no empty softmax row)
+        mask = structure & (real[:, None, :] | eye)
+        for i, block in enumerate(self.blocks):
+            # only the queries' outputs are read: the last block computes those alone
+            x = block(x, mask[:, None], last=n if i == len(self.blocks) - 1 else None)
+        return self.ln_f(x[:, -n:])
+
+    def query_outputs(self, batch: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+        """Query outputs `[B, N + 1, hidden]` for a batch's histories, given all item tokens."""
+        length = batch["length"].clamp(min=1)
+        history, length = last_items(batch["history"], length, self.max_history)
+        return self.generate(tokens[history.clamp(min=0)], length)
+
+    # --- training ------------------------------------------------------------------------------
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy over all items, averaged over the N + 1 dimensions, and the
+        autoencoder's reconstruction error on the batch's history items."""
+        with self._autocast():  # every item's tokens: each dimension's softmax is over all items
+            latent = self.encoder(self.text)
+            tokens = self.item_tokens(latent)
+        # the transformer runs in fp32: at these widths bf16 gains nothing on CPU
+        out = self.query_outputs(batch, tokens.float())
+        with self._autocast():
+            logits = torch.bmm(out.transpose(0, 1), tokens.permute(1, 2, 0))  # [N + 1, B, I]
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].repeat(self.dims))
+        seen = batch["history"].unique()
+        seen = seen[seen >= 0]
+        recon = F.mse_loss(self.decoder(latent[seen].float()), self.text[seen])
+        return ce, recon
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ce, recon = self.loss(batch)
+        loss = ce + self.alpha * recon
+        size = len(batch["target"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/ce", ce, batch_size=size)
+        self.log("train/recon", recon, batch_size=size)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    # --- inference -----------------------------------------------------------------------------
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item tokens `[num_items, N + 1, hidden]` (history inputs) and the scoring table
+        `[num_items, (N + 1) x hidden]` (bf16 where enabled); cached for an evaluation."""
+        if self._cache is not None:
+            return self._cache
+        tokens = self.item_tokens()
+        return tokens, tokens.flatten(1).to(torch.bfloat16 if self.bf16 else tokens.dtype)
+
+    @torch.no_grad()
+    def dimension_scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """CF scores and summed semantic scores `[B, num_items]` of every item."""
+        tokens, table = self._tables()
+        out = self.query_outputs(batch, tokens).to(table.dtype)
+        d = tokens.shape[2]
+        cf, semantic = out[:, 0] @ table[:, :d].T, out[:, 1:].flatten(1) @ table[:, d:].T
+        return cf.float(), semantic.float()
+
+    @torch.no_grad()
+    def scores(self, batch: dict[str, torch.Tensor], beta: float) -> torch.Tensor:
+        """(1 - beta) x CF score + beta x summed semantic scores `[B, num_items]`: one matmul."""
+        tokens, table = self._tables()
+        out = self.query_outputs(batch, tokens)
+        weight = out.new_full((self.dims, 1), beta)
+        weight[0] = 1.0 - beta
+        return ((out * weight).flatten(1).to(table.dtype) @ table.T).float()
+
+    def _top(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        top = scores.topk(min(k, self.num_items), dim=1).indices
+        return F.pad(top, (0, k - top.shape[1]), value=-1)
+
+    @torch.no_grad()
+    def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+        if self.beta is None:
+            raise GridError(
+                "setrec: beta is chosen on validation data: validate before testing, or set "
+                "generator.beta"
+            )
+        return self._top(self.scores(batch, self.beta), k)
+
+    # --- evaluation: beta chosen on validation -------------------------------------------------
+
+    def _selecting(self) -> bool:
+        return self.hparams.beta is None
+
+    def _eval_start(self) -> None:
+        super()._eval_start()
+        self._cache = None
+        with torch.no_grad():
+            self._cache = self._tables()
+        self._beta_sums = [{} for _ in BETAS]
+
+    def validation_step(self, batch, batch_idx) -> None:
+        if not self._selecting():
+            return super().validation_step(batch, batch_idx)
+        cf, semantic = self.dimension_scores(batch)
+        for sums, beta in zip(self._beta_sums, BETAS, strict=True):
+            ranked = self._top(torch.lerp(cf, semantic, beta), max(self.ks))
+            for name, values in rank_metrics(ranked, batch["target"], self.ks).items():
+                sums[name] = sums.get(name, 0.0) + values.sum()
+        self._users += len(batch["target"])
+
+    def on_validation_epoch_end(self) -> None:
+        if self._selecting():
+            reduce = self.trainer.strategy.reduce
+            chosen = torch.stack([torch.as_tensor(s[SELECT_BY]) for s in self._beta_sums])
+            best = int(reduce(chosen.to(self.device), reduce_op="sum").argmax())
+            self._sums, self.beta = self._beta_sums[best], BETAS[best]
+        self.log("setrec/beta", self.beta)
+        super().on_validation_epoch_end()
+        self._cache = None
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._cache = None
