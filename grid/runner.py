@@ -29,7 +29,7 @@ from grid.pipeline import Stages, component, params, prepare
 log = logging.getLogger(__name__)
 
 # Generator fields that change only inference, so a sweep over them reuses one trained model.
-INFERENCE_FIELDS = ("decoding", "beam_width", "search")
+INFERENCE_FIELDS = ("decoding", "beam_width", "search", "n_edges", "steps")
 TRAINER_EVAL_FIELDS = ("eval_batch_size", "logger", "wandb_project", "progress_bar")
 MODEL_STAGE_VERSION = 2  # 2: T5 TIGER; fixed selection decoding
 # What a run writes to its folder: a later run in the same folder removes these (and only these).

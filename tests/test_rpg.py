@@ -23,7 +23,7 @@ from grid.generators.rpg import RPG, item_graph
 from grid.sids import assign_sids
 from grid.tokenizers.opq import OptimizedPQ
 
-from .test_cli import cache, small_beauty  # noqa: F401 (fixtures, requested by name)
+from .test_cli import cache  # noqa: F401 (a fixture, requested by name)
 from .test_tiger import subset
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "generator" / "rpg.yaml"

@@ -141,7 +141,6 @@ class RPG(Recommender):
         start = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("start_items", start, persistent=False)
         self._graph: torch.Tensor | None = None
-        self._scoring = decoding  # validation switches to exact
         self._graph_seconds = 0.0
 
         with torch.random.fork_rng():
@@ -306,25 +305,28 @@ class RPG(Recommender):
             cand = torch.cat([beam, graph[beam].flatten(1).long()], dim=1)
         return self._best(log_probs, cand, k)
 
+    def selection_decoding(self) -> dict:
+        """Model selection always scores every item exactly."""
+        return {"decoding": "exact"}
+
+    @property
+    def _graph_decoding(self) -> bool:
+        return self.decoding == "graph" and not self.selecting
+
     @torch.no_grad()
     def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
         log_probs = self.code_log_probs(batch)
-        if self._scoring == "graph":
+        if self._graph_decoding:
             return self.graph_top_k(log_probs, batch["user"], k)
         return self.exact_top_k(log_probs, k)
 
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self._scoring = "exact"  # model selection always scores every item
-
-    def on_test_epoch_start(self) -> None:
-        super().on_test_epoch_start()
-        self._scoring = self.decoding
-        if self.decoding == "graph":
+    def _eval_start(self) -> None:
+        super()._eval_start()
+        if self._graph_decoding:
             self._graph = None
             self.build_graph()  # once per evaluation, timed apart from per-user inference
 
     def _eval_end(self, stage: str) -> None:
         super()._eval_end(stage)
-        if stage == "test" and self.decoding == "graph":
+        if stage == "test" and self._graph_decoding:
             self.log("infer/graph_build_seconds", self._graph_seconds)
