@@ -60,7 +60,7 @@ def validate(model, split, eval_batch_size: int) -> dict[str, float]:
     """Recall/NDCG over every validation user through Lightning, as `grid run` computes them."""
     dm = SequenceDataModule(split, eval_batch_size=eval_batch_size)
     out = L.Trainer(**QUIET).validate(model, dm.full_val_dataloader(), verbose=False)[0]
-    return {k: v for k, v in out.items() if "@" in k}
+    return {k: v for k, v in out.items() if k.split("@")[0] in ("valid/recall", "valid/ndcg")}
 
 
 def brute_force_all(ranked: list[list[int]], targets: list[int]) -> dict[str, float]:

@@ -191,13 +191,16 @@ def test_small_graph_returns_valid_ranked_items_independent_of_batching(sids, ba
     assert torch.equal(rpg.recommend(half, 20), top[24:])  # same users, other batch: same result
 
 
-def test_validation_scores_exactly_and_test_decodes_on_the_graph(sids, batch):
+def test_selection_scores_exactly_and_test_decodes_on_the_graph(sids, batch, monkeypatch):
     rpg = model(sids, decoding="graph", n_edges=8, beam_width=4, steps=2)
     loader = DataLoader([batch], batch_size=None)
-    valid = L.Trainer(**QUIET).validate(rpg, loader, verbose=False)[0]
-    exact = model(sids)
-    expect = L.Trainer(**QUIET).validate(exact, loader, verbose=False)[0]
-    assert valid == expect
+    graph = L.Trainer(**QUIET).validate(rpg, loader, verbose=False)[0]
+    expect = L.Trainer(**QUIET).validate(model(sids), loader, verbose=False)[0]
+    assert graph != expect  # a plain validation decodes as configured
+    monkeypatch.setattr(RPG, "selecting", property(lambda self: True))  # as inside `fit`
+    assert rpg.selection_decoding() == {"decoding": "exact"}
+    assert L.Trainer(**QUIET).validate(rpg, loader, verbose=False)[0] == expect
+    monkeypatch.undo()
     test = L.Trainer(**QUIET).test(rpg, loader, verbose=False)[0]
     assert test["infer/graph_build_seconds"] > 0
 

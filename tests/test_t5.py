@@ -278,7 +278,7 @@ def test_constrained_beam_search_equals_hf_generate(sids, batch):
 def test_kv_cached_decoding_equals_recomputation(sids, batch, architecture, decoding):
     """Beam steps decode one token per step, exhaustive scoring all levels at once (t > 1)."""
     params = dict(SMALL, architecture=architecture, decoding=decoding, user_tokens=7)
-    model = TIGER(sids, **params, beam_width=10, item_separator=True).eval()
+    model = TIGER(sids, **params, beam_width=20, item_separator=True).eval()
     if decoding == "exhaustive":  # scores every SID: a few users of lengths 1, 20 and between
         few = (batch["length"] <= 3) | (batch["length"] >= 19)
         batch = {k: v[few] for k, v in batch.items()}

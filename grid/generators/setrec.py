@@ -11,7 +11,7 @@ from grid.data import last_items
 from grid.errors import GridError
 from grid.generators.base import PipelineInputs, Recommender
 from grid.generators.sasrec import Block, SASRec
-from grid.metrics import KS, rank_metrics
+from grid.metrics import KS, RankingTotals
 
 BETAS = tuple(i / 10 for i in range(11))  # the validation grid when `beta` is null
 SELECT_BY = "ndcg@10"  # picks beta on validation (the default monitor); ties: the smaller beta
@@ -121,7 +121,7 @@ class SETRec(Recommender):
         nn.init.normal_(self.pos_emb.weight, std=0.02)  # small beside the tokens, as in SASRec
         self.blocks.apply(SASRec._init)
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # see `_tables`
-        self._beta_sums: list[dict[str, torch.Tensor]] = []
+        self._beta_totals: list[RankingTotals] = []
 
     def _autocast(self):
         """bf16 matmuls where enabled: on CPUs with bf16 dot products they run several x faster."""
@@ -245,24 +245,23 @@ class SETRec(Recommender):
         self._cache = None
         with torch.no_grad():
             self._cache = self._tables()
-        self._beta_sums = [{} for _ in BETAS]
+        self._beta_totals = [RankingTotals(self.num_items, self.ks, self.device) for _ in BETAS]
 
     def validation_step(self, batch, batch_idx) -> None:
         if not self._selecting():
             return super().validation_step(batch, batch_idx)
         cf, semantic = self.dimension_scores(batch)
-        for sums, beta in zip(self._beta_sums, BETAS, strict=True):
+        for totals, beta in zip(self._beta_totals, BETAS, strict=True):
             ranked = self._top(torch.lerp(cf, semantic, beta), max(self.ks))
-            for name, values in rank_metrics(ranked, batch["target"], self.ks).items():
-                sums[name] = sums.get(name, 0.0) + values.sum()
+            totals.update(ranked, batch["target"], batch.get("warm"))
         self._users += len(batch["target"])
 
     def on_validation_epoch_end(self) -> None:
         if self._selecting():
             reduce = self.trainer.strategy.reduce
-            chosen = torch.stack([torch.as_tensor(s[SELECT_BY]) for s in self._beta_sums])
+            chosen = torch.stack([torch.as_tensor(t.sums[SELECT_BY]) for t in self._beta_totals])
             best = int(reduce(chosen.to(self.device), reduce_op="sum").argmax())
-            self._sums, self.beta = self._beta_sums[best], BETAS[best]
+            self._totals, self.beta = self._beta_totals[best], BETAS[best]
         self.log("setrec/beta", self.beta)
         super().on_validation_epoch_end()
         self._cache = None
