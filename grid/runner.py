@@ -130,6 +130,40 @@ class RandomState(Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class TrainingSpeed(Callback):
+    """Training samples and seconds (data loading included, validation excluded); kept in
+    checkpoints, so a resumed run counts its whole training."""
+
+    def __init__(self) -> None:
+        self.samples, self.seconds = 0, 0.0
+        self._mark = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._mark = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._mark = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        self.seconds += now - self._mark
+        self.samples += len(batch["target"])
+        self._mark = now
+
+    def state_dict(self) -> dict:
+        return {"samples": self.samples, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples, self.seconds = state["samples"], state["seconds"]
+
+    def summary(self) -> dict:
+        return {
+            "samples": self.samples,
+            "seconds": self.seconds,
+            "samples_per_s": self.samples / max(self.seconds, 1e-9),
+        }
+
+
 @contextmanager
 def _interruptible(trainer: L.Trainer) -> Iterator[None]:
     """Raise KeyboardInterrupt for a Ctrl-C that Lightning handled itself (it stops gracefully,
@@ -173,12 +207,14 @@ def _fit(cfg: DictConfig, model: Recommender, datamodule, folder: Path, logger) 
         ModelCheckpoint(dirpath=folder, filename="last", enable_version_counter=False),
         EarlyStopping(monitor=monitor, mode="max", patience=cfg.trainer.patience),
         RandomState(),
+        speed := TrainingSpeed(),
     ]
     trainer = _trainer(cfg, folder, callbacks, logger)
     with _interruptible(trainer):
         trainer.fit(model, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
     if not best.is_file():  # no validation ran (e.g. a tiny step budget): keep the final weights
         trainer.save_checkpoint(best)
+    (folder / "training.json").write_text(json.dumps(speed.summary(), indent=2))
     (folder / "DONE").write_text("")
     return best
 
@@ -298,6 +334,10 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         else _evaluate(cfg, Popularity.build(inputs), datamodule, out, False)
     )
     metrics["run/seconds"] = time.perf_counter() - start
+    if model.trainable and (folder / "training.json").is_file():  # from the run that trained it
+        training = json.loads((folder / "training.json").read_text())
+        metrics["train/seconds"] = training["seconds"]
+        metrics["train/samples_per_s"] = training["samples_per_s"]
     metrics.update(
         {f"baseline/popularity/{k}": v for k, v in baseline.items() if not k.startswith("infer/")}
     )

@@ -49,7 +49,7 @@ def checkpoint(path: Path) -> dict:
 def results(out: Path) -> dict:
     """metrics.json without the timings."""
     metrics = json.loads((out / "metrics.json").read_text())
-    return {k: v for k, v in metrics.items() if not k.startswith(("infer/", "run/"))}
+    return {k: v for k, v in metrics.items() if not k.startswith(("infer/", "run/", "train/"))}
 
 
 def test_sampler_continues_an_epoch_from_its_state():
@@ -113,6 +113,11 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(
     assert main([*args, "--out", str(out)]) == 0
     assert model_folder(out) == folder and (folder / "DONE").is_file()
     assert results(out) == results(tmp_path / "a")
+    counted = [
+        json.loads((model_folder(o) / "training.json").read_text()) for o in (out, tmp_path / "a")
+    ]
+    assert counted[0]["samples"] == counted[1]["samples"] > 0  # the resumed run counts it all
+    assert json.loads((out / "metrics.json").read_text())["train/samples_per_s"] > 0
     for name in ("best.ckpt", "last.ckpt"):
         a = checkpoint(model_folder(tmp_path / "a") / name)["state_dict"]
         b = checkpoint(folder / name)["state_dict"]
