@@ -136,6 +136,10 @@ def test_tokenizer_fields_checked_before_fitting(overrides, message):
         (["generator.decoding=greedy"], r"^generator.decoding='greedy' is not one of constrained"),
         (["generator=sasrec", "generator.heads=3"], r"generator.hidden=64 is not divisible by"),
         (["generator=sasrec", "generator.blocks=0"], r"^generator.blocks=0 is out of range"),
+        (["generator=rpg", "generator.tau=0"], r"^generator.tau=0.0 is out of range; .* > 0$"),
+        (["generator=rpg", "generator.decoding=beam"], r"^generator.decoding='beam' is not one"),
+        (["generator=setrec", "generator.beta=1.5"], r"^generator.beta=1.5 .* in \[0, 1\]$"),
+        (["generator=simgr", "generator.aggregation=max"], r"^generator.aggregation='max' is not"),
     ],
 )
 def test_generator_fields_name_the_wrong_one(overrides, message):

@@ -81,12 +81,12 @@ def test_registered_and_bad_settings_fail_with_one_line(sids):
     assert isinstance(GENERATORS["rpg"].build(inputs, **TINY), RPG)
     assert RPG(sids, **TINY, n_edges=500).n_edges == 500  # unused by exact decoding
     bad = [
-        ({"decoding": "graph", "n_edges": 201}, "n_edges=201"),
-        ({"decoding": "graph", "beam_width": 201}, "beam_width=201"),
-        ({"decoding": "graph", "beam_width": 0}, "beam_width=0"),
-        ({"tau": 0.0}, "tau"),
-        ({"tau": -0.1}, "tau"),
-        ({"decoding": "beam"}, "decoding"),
+        ({"decoding": "graph", "n_edges": 201}, "n_edges=201 is larger than the catalogue"),
+        ({"decoding": "graph", "beam_width": 201}, "beam_width=201 is larger than the catalogue"),
+        ({"decoding": "graph", "beam_width": 0}, "generator.beam_width=0 is out of range"),
+        ({"tau": 0.0}, "generator.tau=0.0 is out of range; set it to a value > 0"),
+        ({"tau": -0.1}, "generator.tau=-0.1 is out of range"),
+        ({"decoding": "beam"}, "generator.decoding='beam' is not one of exact, graph"),
     ]
     for params, match in bad:
         with pytest.raises(GridError, match=match) as error:

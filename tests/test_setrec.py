@@ -108,9 +108,10 @@ def test_scores_combine_cf_and_semantic_dimensions():
 
 def test_bad_settings_fail_with_one_line():
     cases = [
-        (dict(beta=1.5), "beta=1.5 must lie in [0, 1]"),
-        (dict(beta=-0.1), "beta=-0.1 must lie in [0, 1]"),
-        (dict(alpha=-1.0), "alpha=-1.0 must be >= 0"),
+        (dict(beta=1.5), "generator.beta=1.5 is out of range; set it to a value in [0, 1]"),
+        (dict(beta=-0.1), "generator.beta=-0.1 is out of range"),
+        (dict(alpha=-1.0), "generator.alpha=-1.0 is out of range; set it to a value >= 0"),
+        (dict(hidden=30, heads=4), "generator.hidden=30 is not divisible by generator.heads=4"),
     ]
     for kwargs, message in cases:
         with pytest.raises(GridError, match=message.replace("[", r"\[").replace("]", r"\]")) as e:

@@ -174,10 +174,10 @@ def test_bad_parameters_raise_one_line_errors(sids):
     inputs.sids = sids
     assert isinstance(GENERATORS["simgr"].build(inputs, **SMALL), SimGR)
     for params, match in [
-        ({"tau": 0.0}, "tau=0.0 must be > 0"),
-        ({"tau": -1}, "tau=-1 must be > 0"),
-        ({"aggregation": "max"}, "aggregation 'max' is not one of"),
-        ({"search": "hnsw"}, "search 'hnsw' is not one of"),
+        ({"tau": 0.0}, r"^generator.tau=0.0 is out of range; set it to a value > 0$"),
+        ({"tau": -1}, "generator.tau=-1 is out of range"),
+        ({"aggregation": "max"}, "generator.aggregation='max' is not one of mean, concat"),
+        ({"search": "hnsw"}, "generator.search='hnsw' is not one of matmul, faiss"),
         ({"max_history": 0}, "max_history=0"),
     ]:
         with pytest.raises(GridError, match=match) as e:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grid.config import check_fields
 from grid.data import last_items
 from grid.errors import GridError
 from grid.generators.base import PipelineInputs, Recommender
@@ -16,6 +17,21 @@ from grid.generators.tiger import Block, Layout
 from grid.sids import SemanticIDs
 
 DECODINGS = ("exact", "graph")
+PARAM_RANGES = {
+    "hidden": "[1, inf)",
+    "layers": "[1, inf)",
+    "heads": "[1, inf)",
+    "d_ff": "[1, inf)",
+    "dropout": "[0, 1)",
+    "tau": "(0, inf)",
+    "max_history": "[1, inf)",
+    "lr": "(0, inf)",
+    "weight_decay": "[0, inf)",
+    "warmup_steps": "[0, inf)",
+    "beam_width": "[1, inf)",
+    "n_edges": "[1, inf)",
+    "steps": "[1, inf)",
+}
 SCORE_CHUNK_BYTES = 2**26  # item scores held at once by exact decoding
 GRAPH_CHUNK_BYTES = 2**28  # similarities held at once while building the item graph
 GRAPH_BLOCK_ITEMS = 512  # graph rows built at once: keeps the lookup table in cache
@@ -76,6 +92,15 @@ class RPG(Recommender):
     """
 
     @classmethod
+    def check_params(cls, **params) -> None:
+        check_fields("generator", params, PARAM_RANGES, {"decoding": DECODINGS})
+        if "hidden" in params and "heads" in params and params["hidden"] % params["heads"]:
+            raise GridError(
+                f"generator.hidden={params['hidden']} is not divisible by "
+                f"generator.heads={params['heads']}; choose heads that divide hidden"
+            )
+
+    @classmethod
     def build(cls, inputs: PipelineInputs, **params) -> RPG:
         if inputs.sids is None:
             raise GridError(
@@ -109,22 +134,30 @@ class RPG(Recommender):
         seed: int = 0,
         **kwargs,
     ):
+        self.check_params(
+            hidden=hidden,
+            layers=layers,
+            heads=heads,
+            d_ff=d_ff,
+            dropout=dropout,
+            tau=tau,
+            max_history=max_history,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            decoding=decoding,
+            beam_width=beam_width,
+            n_edges=n_edges,
+            steps=steps,
+        )
         super().__init__(sids.num_items, **kwargs)
         N = sids.num_items
-        if decoding not in DECODINGS:
-            raise GridError(f"rpg: decoding {decoding!r} is not one of {DECODINGS}")
-        if not tau > 0:
-            raise GridError(f"rpg: tau={tau} must be > 0 (the paper uses 0.03-0.07)")
         for name, value in (("n_edges", n_edges), ("beam_width", beam_width)):
-            if decoding == "graph" and not 1 <= value <= N:
+            if decoding == "graph" and value > N:
                 raise GridError(
-                    f"rpg: {name}={value} must lie in [1, {N}] (the catalogue has {N} items); "
-                    f"set generator.{name} to at most {N}"
+                    f"generator.{name}={value} is larger than the catalogue ({N} items); "
+                    f"set it to at most {N}"
                 )
-        if steps < 1 or max_history < 1:
-            raise GridError("rpg: steps and max_history must be >= 1")
-        if hidden % heads:
-            raise GridError(f"rpg: hidden={hidden} must be divisible by heads={heads}")
         self.save_hyperparameters(ignore=["sids"])
         self.sids, self.tau, self.max_history = sids, tau, max_history
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grid.config import check_fields
 from grid.data import last_items
 from grid.errors import GridError
 from grid.generators.base import PipelineInputs, Recommender
@@ -14,6 +15,19 @@ from grid.generators.sasrec import Block, SASRec
 from grid.metrics import KS, RankingTotals
 
 BETAS = tuple(i / 10 for i in range(11))  # the validation grid when `beta` is null
+PARAM_RANGES = {
+    "semantic_tokens": "[1, inf)",
+    "hidden": "[1, inf)",
+    "blocks": "[1, inf)",
+    "heads": "[1, inf)",
+    "dropout": "[0, 1)",
+    "ae_hidden": "[1, inf)",
+    "alpha": "[0, inf)",
+    "beta": "[0, 1]",  # null: chosen on validation
+    "max_history": "[1, inf)",
+    "lr": "(0, inf)",
+    "weight_decay": "[0, inf)",
+}
 SELECT_BY = "ndcg@10"  # picks beta on validation (the default monitor); ties: the smaller beta
 
 
@@ -49,6 +63,15 @@ class SETRec(Recommender):
     consumes = frozenset({"embeddings", "cf_embeddings"})
 
     @classmethod
+    def check_params(cls, **params) -> None:
+        check_fields("generator", params, PARAM_RANGES)
+        if "hidden" in params and "heads" in params and params["hidden"] % params["heads"]:
+            raise GridError(
+                f"generator.hidden={params['hidden']} is not divisible by "
+                f"generator.heads={params['heads']}; choose heads that divide hidden"
+            )
+
+    @classmethod
     def build(cls, inputs: PipelineInputs, cf_encoder=None, **params) -> SETRec:
         # cf_encoder names the stage that produced inputs.cf_embeddings (see the runner)
         if inputs.cf_embeddings is None:
@@ -79,23 +102,25 @@ class SETRec(Recommender):
         bf16: bool = True,
         ks: tuple[int, ...] = KS,
     ):
+        self.check_params(
+            semantic_tokens=semantic_tokens,
+            hidden=hidden,
+            blocks=blocks,
+            heads=heads,
+            dropout=dropout,
+            ae_hidden=list(ae_hidden),
+            alpha=alpha,
+            beta=beta,
+            max_history=max_history,
+            lr=lr,
+            weight_decay=weight_decay,
+        )
         super().__init__(len(text_embeddings), ks)
         if len(cf_embeddings) != len(text_embeddings):
             raise GridError(
                 f"setrec: {len(cf_embeddings)} CF embeddings for {len(text_embeddings)} items; "
                 f"embed both with the same dataset"
             )
-        if beta is not None and not 0.0 <= beta <= 1.0:
-            raise GridError(
-                f"setrec: beta={beta} must lie in [0, 1] (the weight of the semantic scores), "
-                f"or be null to choose it on validation"
-            )
-        if alpha < 0:
-            raise GridError(f"setrec: alpha={alpha} must be >= 0 (weight of the reconstruction)")
-        if semantic_tokens < 1 or max_history < 1:
-            raise GridError("setrec: semantic_tokens and max_history must be >= 1")
-        if hidden % heads:
-            raise GridError(f"setrec: hidden={hidden} must be divisible by heads={heads}")
         self.save_hyperparameters(ignore=["text_embeddings", "cf_embeddings"])
         self.alpha, self.beta, self.max_history = alpha, beta, max_history
         self.lr, self.weight_decay, self.bf16 = lr, weight_decay, bf16

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grid.config import check_fields
 from grid.data import last_items
 from grid.errors import GridError
 from grid.generators.base import PipelineInputs, Recommender
@@ -19,6 +20,19 @@ from grid.sids import SemanticIDs
 
 AGGREGATIONS = ("mean", "concat", "gate", "attention")
 SEARCHES = ("matmul", "faiss")
+PARAM_CHOICES = {"aggregation": AGGREGATIONS, "search": SEARCHES}
+PARAM_RANGES = {
+    "d_model": "[1, inf)",
+    "num_heads": "[1, inf)",
+    "head_dim": "[1, inf)",
+    "d_ff": "[1, inf)",
+    "layers": "[1, inf)",
+    "dropout": "[0, 1)",
+    "max_history": "[1, inf)",
+    "tau": "(0, inf)",
+    "lr": "(0, inf)",
+    "weight_decay": "[0, inf)",
+}
 SCORE_CHUNK = 65536  # items scored per matmul: bounds the `[B, chunk]` score block
 
 
@@ -82,6 +96,10 @@ class SimGR(Recommender):
     """
 
     @classmethod
+    def check_params(cls, **params) -> None:
+        check_fields("generator", params, PARAM_RANGES, PARAM_CHOICES)
+
+    @classmethod
     def build(cls, inputs: PipelineInputs, **params) -> SimGR:
         if inputs.sids is None:
             raise GridError(
@@ -106,13 +124,21 @@ class SimGR(Recommender):
         weight_decay: float = 0.0,
         **kwargs,
     ):
+        self.check_params(
+            d_model=d_model,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            d_ff=d_ff,
+            layers=layers,
+            dropout=dropout,
+            max_history=max_history,
+            aggregation=aggregation,
+            tau=tau,
+            search=search,
+            lr=lr,
+            weight_decay=weight_decay,
+        )
         super().__init__(sids.num_items, **kwargs)
-        if not tau > 0:
-            raise GridError(f"simgr: tau={tau} must be > 0 (the softmax temperature)")
-        if search not in SEARCHES:
-            raise GridError(f"simgr: search {search!r} is not one of {SEARCHES}")
-        if max_history < 1:
-            raise GridError(f"simgr: max_history={max_history} must be >= 1")
         self.save_hyperparameters(ignore=["sids"])
         self.sids, self.max_history, self.tau, self.search = sids, max_history, tau, search
         self.lr, self.weight_decay = lr, weight_decay
