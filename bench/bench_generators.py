@@ -2,7 +2,11 @@
 
 Test Recall/NDCG, warm/cold Recall@10, coverage, training samples/s, inference users/s over all
 test users and wall time, as `grid run` records them. Writes bench/results/generators_<trainer>.md
-and .jsonl. Usage: python bench/bench_generators.py [--trainer cpu|gpu] [--only NAME ...]
+and .jsonl.
+Usage: python bench/bench_generators.py [--trainer cpu|gpu] [--only NAME ...] [--infer-again]
+
+`--infer-again` re-runs every row from its cached model (no training) and replaces only the
+inference figures: run it on an idle machine for speeds measured together in one invocation.
 """
 
 from __future__ import annotations
@@ -84,11 +88,20 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="row names to run, in this order (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_generators")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--infer-again", action="store_true", help="new inference figures only")
     args = parser.parse_args()
     load = os.getloadavg()[0]
+    saved = args.results / f"generators_{args.trainer}.jsonl"
+    earlier = {}
+    if args.infer_again:
+        earlier = {r["name"]: r for r in map(json.loads, saved.read_text().splitlines())}
     rows = []
     for name in args.only or ROWS:
-        rows.append(run(name, ROWS[name], args.trainer, args.out / args.trainer))
+        row = run(name, ROWS[name], args.trainer, args.out / args.trainer)
+        if name in earlier and "error" not in row:  # keep the training run's figures
+            infer = {k: v for k, v in row.items() if k.startswith("infer/")}
+            row = {**earlier[name], **infer, "infer_again": True}
+        rows.append(row)
         write(rows, args.trainer, load, args.results)  # after every row: a cut run keeps its rows
 
 
@@ -102,7 +115,12 @@ def write(rows: list[dict], trainer: str, load: float, results: Path) -> None:
         "`grid run` with the listed overrides, run one after another in this invocation. "
         "Metrics and inference users/s over all test users (the trainer's `eval_batch_size`); "
         "train samples/s excludes validation; RPG (graph) reuses the RPG (exact) model, so its "
-        "run time excludes training.",
+        "run time excludes training."
+        + (
+            " Inference figures re-measured from the cached models in one later invocation."
+            if any(r.get("infer_again") for r in rows)
+            else ""
+        ),
         "",
         *table(rows),
         "",
