@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from grid.cache import StageCache, stage_key
 from grid.config import to_yaml
@@ -25,12 +24,21 @@ from grid.errors import GridError
 from grid.generators import GENERATORS, PipelineInputs, Popularity, Recommender
 from grid.metrics import KS
 from grid.pipeline import Stages, component, params, prepare
+from grid.tracking import log_final, make_logger
 
 log = logging.getLogger(__name__)
 
 # Generator fields that change only inference, so a sweep over them reuses one trained model.
 INFERENCE_FIELDS = ("decoding", "beam_width", "search", "n_edges", "steps")
-TRAINER_EVAL_FIELDS = ("eval_batch_size", "logger", "wandb_project", "progress_bar")
+TRAINER_EVAL_FIELDS = (
+    "eval_batch_size",
+    "logger",
+    "wandb_project",
+    "wandb_group",
+    "wandb_mode",
+    "progress_bar",
+    "log_every_n_steps",
+)
 MODEL_STAGE_VERSION = 2  # 2: T5 TIGER; fixed selection decoding
 # What a run writes to its folder: a later run in the same folder removes these (and only these).
 RUN_FILES = (
@@ -46,28 +54,30 @@ RUN_FILES = (
 )
 
 
-def _logger(cfg: DictConfig, out: Path):
-    kind = cfg.trainer.logger
-    if kind in (None, "none"):
-        return False
-    if kind == "csv":
-        return L.pytorch.loggers.CSVLogger(out, name="logs", version="")
-    if kind == "wandb":
-        if importlib.util.find_spec("wandb") is None:
-            raise GridError(
-                "trainer.logger=wandb needs the wandb package: pip install wandb "
-                "(or set trainer.logger=csv)"
-            )
-        from lightning.pytorch.loggers import WandbLogger
+def main_process() -> bool:
+    """False in the processes a DDP run adds (Lightning re-runs the command in them, or a
+    cluster starts them): they train and evaluate their share but write no run files."""
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+    return all(int(os.environ[r]) == 0 for r in ranks if os.environ.get(r, "").isdigit())
 
-        offline = not os.environ.get("WANDB_API_KEY")
-        return WandbLogger(
-            project=cfg.trainer.wandb_project,
-            save_dir=str(out),
-            offline=offline,
-            config=OmegaConf.to_container(cfg, resolve=True),
+
+def check_devices(t: DictConfig) -> None:
+    """Fail before any stage runs when `trainer.devices` asks for more GPUs than are visible."""
+    devices = t.devices
+    if t.accelerator not in ("auto", "gpu", "cuda") or devices in ("auto", -1, "-1", None):
+        return
+    if isinstance(devices, ListConfig | list):
+        wanted = len(devices)
+    elif isinstance(devices, str) and not devices.isdigit():
+        wanted = len([d for d in devices.split(",") if d.strip()])
+    else:
+        wanted = int(devices)
+    visible = torch.cuda.device_count()
+    if wanted > visible and (wanted > 1 or t.accelerator != "auto"):
+        raise GridError(
+            f"trainer.devices={devices} asks for {wanted} GPUs but {visible} are visible; lower "
+            f"trainer.devices or set trainer.accelerator=cpu to run {wanted} CPU processes"
         )
-    raise GridError(f"unknown trainer.logger {kind!r}; choose csv, wandb or none")
 
 
 def model_key(cfg: DictConfig, stages: Stages) -> str:
@@ -98,7 +108,9 @@ def _trainer(cfg: DictConfig, out: Path, callbacks=(), logger=False) -> L.Traine
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
+        num_nodes=t.get("num_nodes", 1),
         strategy=t.strategy,
+        use_distributed_sampler=False,  # the loaders shard themselves, evaluation unpadded
         precision=t.precision,
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
@@ -109,6 +121,7 @@ def _trainer(cfg: DictConfig, out: Path, callbacks=(), logger=False) -> L.Traine
         logger=logger,
         default_root_dir=out,
         enable_progress_bar=t.progress_bar,
+        log_every_n_steps=t.get("log_every_n_steps", 50),
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
@@ -156,11 +169,21 @@ class TrainingSpeed(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.samples, self.seconds = state["samples"], state["seconds"]
 
-    def summary(self) -> dict:
+    def summary(self, trainer: L.Trainer) -> dict:
+        """Samples of all DDP processes over the slowest one's seconds."""
+        reduce, device = trainer.strategy.reduce, trainer.strategy.root_device
+        samples = reduce(
+            torch.tensor(self.samples, dtype=torch.float64, device=device), reduce_op="sum"
+        )
+        seconds = reduce(
+            torch.tensor(self.seconds, dtype=torch.float64, device=device), reduce_op="max"
+        )
+        samples, seconds = float(samples), float(seconds)
         return {
-            "samples": self.samples,
-            "seconds": self.seconds,
-            "samples_per_s": self.samples / max(self.seconds, 1e-9),
+            "samples": int(samples),
+            "seconds": seconds,
+            "samples_per_s": samples / max(seconds, 1e-9),
+            "devices": trainer.world_size,
         }
 
 
@@ -214,8 +237,10 @@ def _fit(cfg: DictConfig, model: Recommender, datamodule, folder: Path, logger) 
         trainer.fit(model, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
     if not best.is_file():  # no validation ran (e.g. a tiny step budget): keep the final weights
         trainer.save_checkpoint(best)
-    (folder / "training.json").write_text(json.dumps(speed.summary(), indent=2))
-    (folder / "DONE").write_text("")
+    summary = speed.summary(trainer)
+    if main_process():
+        (folder / "training.json").write_text(json.dumps(summary, indent=2))
+        (folder / "DONE").write_text("")
     return best
 
 
@@ -271,19 +296,32 @@ def results_table(metrics: dict[str, float], baseline: dict[str, float], ks=(1, 
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
-    """Run the pipeline of a composed config; write config.yaml, metrics.json and stage outputs."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:  # an earlier run's outputs must not pass for this run's
+def _clear(out: Path) -> None:
+    """Remove an earlier run's outputs from `out`: they must not pass for this run's."""
+    for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    for events in (out / "logs").glob("events.out.tfevents.*"):  # TensorBoard's
+        events.unlink()
+
+
+def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
+    """Run the pipeline of a composed config; write config.yaml, metrics.json and stage outputs.
+
+    Under DDP every process runs it (Lightning re-runs the command); only the main one writes.
+    """
+    out = Path(out)
+    main = main_process()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _clear(out)
+        (out / "config.yaml").write_text(to_yaml(cfg))
     start = time.perf_counter()
     L.seed_everything(cfg.seed, verbose=False)
     torch.set_float32_matmul_precision("high")
     generator_cls = component(GENERATORS, cfg.generator, "generator")
     generator_cls.check_params(**params(cfg.generator))  # before the costly stages
-    logger = _logger(cfg, out)
+    check_devices(cfg.trainer)
+    logger = make_logger(cfg, out, generator_cls.consumes)
     cache = StageCache(os.environ.get("GRID_CACHE", cfg.cache_dir))
     stages = prepare(cfg, cache, generator_cls.consumes, min_items=max(KS))
     provenance = {}  # cache folder per stage
@@ -292,9 +330,11 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     if stages.cf_embeddings_key is not None:
         provenance["cf_embeddings"] = str(cache.path("embeddings", stages.cf_embeddings_key))
     if stages.tokenizer_report is not None:
-        (out / "tokenizer_report.json").write_text(json.dumps(stages.tokenizer_report, indent=2))
-        shutil.copy(cache.path("sids", stages.sids_key) / "sids.npz", out / "sids.npz")
         provenance["sids"] = str(cache.path("sids", stages.sids_key))
+        if main:
+            report = json.dumps(stages.tokenizer_report, indent=2)
+            (out / "tokenizer_report.json").write_text(report)
+            shutil.copy(cache.path("sids", stages.sids_key) / "sids.npz", out / "sids.npz")
     t = cfg.trainer
     datamodule = SequenceDataModule(
         stages.split,
@@ -320,37 +360,37 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         folder = cache.path("model", key)
         provenance["model"] = str(folder)
         # One process trains a key, the others wait and reuse it; a finished one needs no lock.
-        with nullcontext() if cache.done("model", key) else cache.locked("model", key):
+        # The other processes of a DDP run train with the main one, which holds the lock.
+        free = cache.done("model", key) or not main
+        with nullcontext() if free else cache.locked("model", key):
             best = _fit(cfg, model, datamodule, folder, logger)
         checkpoint = model.load_checkpoint(best)
-        shutil.copy(best, out / "model.ckpt")
-        selection = _selection(cfg, model, len(datamodule.valid_set), checkpoint)
-        (out / "selection.json").write_text(json.dumps(selection, indent=2))
-    (out / "stages.json").write_text(json.dumps(provenance, indent=2))  # cache folder per stage
+        if main:
+            shutil.copy(best, out / "model.ckpt")
+            selection = _selection(cfg, model, len(datamodule.valid_set), checkpoint)
+            (out / "selection.json").write_text(json.dumps(selection, indent=2))
+    if main:
+        (out / "stages.json").write_text(json.dumps(provenance, indent=2))
     metrics = _evaluate(cfg, model, datamodule, out, logger)
     baseline = (
         metrics
         if isinstance(model, Popularity)
         else _evaluate(cfg, Popularity.build(inputs), datamodule, out, False)
     )
+    if not main:
+        return metrics
     metrics["run/seconds"] = time.perf_counter() - start
     if model.trainable and (folder / "training.json").is_file():  # from the run that trained it
         training = json.loads((folder / "training.json").read_text())
         metrics["train/seconds"] = training["seconds"]
         metrics["train/samples_per_s"] = training["samples_per_s"]
+        metrics["train/devices"] = training.get("devices", 1)
     metrics.update(
         {f"baseline/popularity/{k}": v for k, v in baseline.items() if not k.startswith("infer/")}
     )
-    if logger and stages.tokenizer_report is not None:
-        logger.log_metrics(
-            {
-                f"tokenizer/{k}": v
-                for k, v in stages.tokenizer_report.items()
-                if isinstance(v, int | float)
-            }
-        )
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     os.replace(tmp, out / "metrics.json")
+    log_final(logger, metrics, stages.tokenizer_report)
     print(results_table(metrics, baseline))
     return metrics
