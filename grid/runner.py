@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from grid.cache import StageCache, stage_key
 from grid.config import to_yaml
@@ -63,19 +63,12 @@ def main_process() -> bool:
 
 def check_devices(t: DictConfig) -> None:
     """Fail before any stage runs when `trainer.devices` asks for more GPUs than are visible."""
-    devices = t.devices
-    if t.accelerator not in ("auto", "gpu", "cuda") or devices in ("auto", -1, "-1", None):
-        return
-    if isinstance(devices, ListConfig | list):
-        wanted = len(devices)
-    elif isinstance(devices, str) and not devices.isdigit():
-        wanted = len([d for d in devices.split(",") if d.strip()])
-    else:
-        wanted = int(devices)
-    visible = torch.cuda.device_count()
-    if wanted > visible and (wanted > 1 or t.accelerator != "auto"):
+    wanted, visible = t.devices, torch.cuda.device_count()
+    if t.accelerator not in ("auto", "gpu", "cuda") or not isinstance(wanted, int) or wanted < 1:
+        return  # -1: all visible devices
+    if wanted > visible and (wanted > 1 or t.accelerator != "auto"):  # auto, 1: CPU is fine
         raise GridError(
-            f"trainer.devices={devices} asks for {wanted} GPUs but {visible} are visible; lower "
+            f"trainer.devices={wanted} asks for {wanted} GPUs but {visible} are visible; lower "
             f"trainer.devices or set trainer.accelerator=cpu to run {wanted} CPU processes"
         )
 
@@ -171,14 +164,13 @@ class TrainingSpeed(Callback):
 
     def summary(self, trainer: L.Trainer) -> dict:
         """Samples of all DDP processes over the slowest one's seconds."""
-        reduce, device = trainer.strategy.reduce, trainer.strategy.root_device
-        samples = reduce(
-            torch.tensor(self.samples, dtype=torch.float64, device=device), reduce_op="sum"
-        )
-        seconds = reduce(
-            torch.tensor(self.seconds, dtype=torch.float64, device=device), reduce_op="max"
-        )
-        samples, seconds = float(samples), float(seconds)
+        device = trainer.strategy.root_device
+
+        def across(value: float, op: str) -> float:
+            value = torch.tensor(value, dtype=torch.float64, device=device)
+            return float(trainer.strategy.reduce(value, reduce_op=op))
+
+        samples, seconds = across(self.samples, "sum"), across(self.seconds, "max")
         return {
             "samples": int(samples),
             "seconds": seconds,
@@ -289,9 +281,11 @@ def results_table(metrics: dict[str, float], baseline: dict[str, float], ks=(1, 
             f"coverage@10 {m['coverage@10']:.4f}, entropy@10 {m['entropy@10']:.2f}"
         )
     if "infer/seconds" in metrics:
+        devices = metrics.get("infer/devices", 1)
         lines.append(
             f"inference: {metrics['infer/seconds']:.1f} s over the test set, "
             f"{metrics['infer/users_per_s']:.0f} users/s"
+            + (f" on {devices:.0f} devices" if devices > 1 else "")
         )
     return "\n".join(lines)
 

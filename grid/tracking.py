@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from grid.errors import GridError
@@ -58,10 +59,11 @@ def wandb_mode(cfg: DictConfig) -> str:
         mode = env if env in ("online", "offline", "disabled") else None
         mode = mode or ("online" if _has_wandb_key() else "offline")
     if mode == "online" and not _has_wandb_key():
-        log.warning(
-            "wandb online mode needs an API key (WANDB_API_KEY or `wandb login`): logging "
-            "offline instead; upload later with `wandb sync OUT/wandb/offline-run-*`"
-        )
+        if rank_zero_only.rank == 0:  # once, not in every DDP process
+            log.warning(
+                "wandb online mode needs an API key (WANDB_API_KEY or `wandb login`): logging "
+                "offline instead; upload later with `wandb sync OUT/wandb/offline-run-*`"
+            )
         mode = "offline"
     return mode
 
@@ -117,7 +119,10 @@ def log_final(logger, metrics: dict[str, float], tokenizer_report: dict | None) 
             final[f"tokenizer/{name}"] = value
     logger.log_metrics(final)
     if isinstance(logger, L.pytorch.loggers.WandbLogger):
+        import wandb
+
         logger.experiment.summary.update(final)
         logger.experiment.finish()
+        wandb.teardown()  # the run's files are complete once `grid run` returns, not at exit
     else:
         logger.finalize("success")

@@ -91,6 +91,7 @@ def single_process_metrics(overrides: list[str], checkpoint, out) -> dict[str, f
     return _evaluate(cfg, model, datamodule, out, False)
 
 
+@pytest.mark.slow
 def test_two_process_run_scores_each_user_once_and_equals_one_process(
     odd_beauty, tmp_path, monkeypatch
 ):

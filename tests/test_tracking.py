@@ -65,6 +65,7 @@ def summary(records: list) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_config_metrics_and_tags(small_beauty, tmp_path, no_wandb_key):
     out = tmp_path / "run"
     overrides = sasrec(
