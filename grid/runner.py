@@ -120,17 +120,39 @@ def _trainer(cfg: DictConfig, out: Path, callbacks=(), logger=False) -> L.Traine
     )
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _every_process(state: dict) -> dict:
+    """A callback's state of every DDP process, for the checkpoint (which the first one writes;
+    every process builds it, so this gathers)."""
+    if not _distributed():
+        return state
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return {"ranks": states}
+
+
+def _this_process(state: dict) -> dict:
+    """This process's part of a state saved by `_every_process`."""
+    if "ranks" not in state:
+        return state
+    return state["ranks"][torch.distributed.get_rank() if _distributed() else 0]
+
+
 class RandomState(Callback):
     """Keeps the RNG states (dropout) in checkpoints, which Lightning does not, so that a resumed
-    run draws what the uninterrupted one would have drawn."""
+    run draws what the uninterrupted one would have drawn; under DDP, every process's."""
 
     def state_dict(self) -> dict:
         state = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        return _every_process(state)
 
     def load_state_dict(self, state: dict) -> None:
+        state = _this_process(state)
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -157,9 +179,10 @@ class TrainingSpeed(Callback):
         self._mark = now
 
     def state_dict(self) -> dict:
-        return {"samples": self.samples, "seconds": self.seconds}
+        return _every_process({"samples": self.samples, "seconds": self.seconds})
 
     def load_state_dict(self, state: dict) -> None:
+        state = _this_process(state)
         self.samples, self.seconds = state["samples"], state["seconds"]
 
     def summary(self, trainer: L.Trainer) -> dict:
