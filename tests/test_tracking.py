@@ -1,5 +1,6 @@
 """Tracking: wandb offline runs hold the config, tags, group and final metrics; CSV is default."""
 
+import csv
 import json
 import logging
 import struct
@@ -11,7 +12,7 @@ from wandb.proto import wandb_internal_pb2
 
 from grid.cli import main
 from grid.errors import GridError
-from grid.tracking import wandb_mode
+from grid.tracking import log_final, make_logger, wandb_mode
 from tests.test_resume import sasrec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,3 +166,15 @@ def test_tensorboard_logger_without_tensorboard_is_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install tensorboard" in err[0]
     assert not (out / "metrics.json").exists()
+
+
+def test_final_metrics_and_tokenizer_quality_reach_the_csv_log(tmp_path):
+    cfg = OmegaConf.create({"trainer": {"logger": "csv"}})
+    logger = make_logger(cfg, tmp_path)
+    report = {"collision_rate": 0.25, "codes_used": 300, "deduplicated": True, "name": "rkmeans"}
+    log_final(logger, {"test/recall@10": 0.5, "infer/devices": 1.0}, report)
+    rows = list(csv.DictReader((tmp_path / "logs" / "metrics.csv").open()))
+    assert len(rows) == 1 and float(rows[0]["test/recall@10"]) == 0.5
+    assert float(rows[0]["tokenizer/collision_rate"]) == 0.25
+    assert float(rows[0]["tokenizer/codes_used"]) == 300
+    assert "tokenizer/deduplicated" not in rows[0] and "tokenizer/name" not in rows[0]
