@@ -31,6 +31,8 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _default_out(cfg) -> Path:
+    if "GRID_RUN_OUT" in os.environ:  # a process that DDP added: the main process's folder
+        return Path(os.environ["GRID_RUN_OUT"])
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{cfg.data.name}-{cfg.tokenizer.name}-{cfg.generator.name}"
 
@@ -75,7 +77,11 @@ def cmd_run(ns: argparse.Namespace) -> None:
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
     print(f"grid run -> {out}")
-    run(cfg, out)
+    os.environ["GRID_RUN_OUT"] = str(out)  # inherited by the processes DDP adds
+    try:
+        run(cfg, out)
+    finally:
+        os.environ.pop("GRID_RUN_OUT", None)
 
 
 def cmd_config_show(ns: argparse.Namespace) -> None:

@@ -328,17 +328,42 @@ class LengthBucketSampler(Sampler):
     `shuffle` it sorts the whole set.
     The order depends on the seed and the epoch that `set_epoch` sets (Lightning calls it);
     `state_dict` holds the position in it, so a resumed run continues where it stopped.
+    Under DDP (`num_replicas` processes, by default torch.distributed's) each process takes its
+    share: in training every `num_replicas`-th batch, the list padded with its first batches so
+    that all processes step together; in evaluation every `num_replicas`-th user of the sorted
+    order, without padding, so that each user is scored exactly once.
     """
 
     def __init__(
-        self, lengths: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0, pool: int = 64
+        self,
+        lengths: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        pool: int = 64,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ):
         self.lengths, self.batch_size, self.shuffle = lengths, batch_size, shuffle
         self.seed, self.pool = seed, pool
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch, self.position, self.resume_at = 0, 0, 0
 
+    def _shard(self) -> tuple[int, int]:
+        """This process's rank and the number of processes sharing the data."""
+        if self.num_replicas is not None:
+            return self.rank or 0, self.num_replicas
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+        rank, world = self._shard()
+        n, b = len(self.lengths), self.batch_size
+        if self.shuffle:
+            batches = -(-n // b)
+            return -(-batches // world)
+        return -(-len(range(rank, n, world)) // b)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -353,10 +378,11 @@ class LengthBucketSampler(Sampler):
         self.epoch, self.resume_at = state["epoch"], state["position"]
 
     def _batches(self) -> list[torch.Tensor]:
+        rank, world = self._shard()
         n, b = len(self.lengths), self.batch_size
         if not self.shuffle:
-            order = torch.argsort(self.lengths, stable=True)
-            return [order[i : i + b] for i in range(0, n, b)]
+            order = torch.argsort(self.lengths, stable=True)[rank::world]
+            return [order[i : i + b] for i in range(0, len(order), b)]
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         perm = torch.randperm(n, generator=g)
         batches = []
@@ -364,7 +390,12 @@ class LengthBucketSampler(Sampler):
             chunk = perm[start : start + b * self.pool]
             chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
             batches += [chunk[i : i + b] for i in range(0, len(chunk), b)]
-        return [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+        batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+        if world > 1:
+            pad = len(self) * world - len(batches)
+            batches += [batches[i % len(batches)] for i in range(pad)]
+            batches = batches[rank::world]
+        return batches
 
     def __iter__(self):
         batches = self._batches()
@@ -382,16 +413,16 @@ class BucketLoader(DataLoader):
         # batch_size=None: the sampler yields whole batches, and Lightning finds it as `.sampler`
         # to call set_epoch on (it does not look at a custom `batch_sampler`). Its own generator:
         # each new iterator draws a seed from it, which must not shift the global RNG (dropout).
-        # **kwargs: what Lightning passes when it re-creates the loader with a DDP sampler.
+        # Under DDP the sampler shards itself: the runner's Trainer keeps Lightning's padding
+        # distributed sampler out (use_distributed_sampler=False).
         kwargs = {"batch_size": None, "collate_fn": dataset.collate, **kwargs}
         super().__init__(dataset, sampler=sampler, generator=torch.Generator(), **kwargs)
 
-    # Under DDP Lightning wraps the sampler in a distributed one, which has no position to keep.
     def state_dict(self) -> dict[str, int]:
-        return self.sampler.state_dict() if isinstance(self.sampler, LengthBucketSampler) else {}
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state and isinstance(self.sampler, LengthBucketSampler):
+        if state:
             self.sampler.load_state_dict(state)
 
 

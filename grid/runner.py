@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -25,12 +24,21 @@ from grid.errors import GridError
 from grid.generators import GENERATORS, PipelineInputs, Popularity, Recommender
 from grid.metrics import KS
 from grid.pipeline import Stages, component, params, prepare
+from grid.tracking import log_final, make_logger
 
 log = logging.getLogger(__name__)
 
 # Generator fields that change only inference, so a sweep over them reuses one trained model.
 INFERENCE_FIELDS = ("decoding", "beam_width", "search", "n_edges", "steps")
-TRAINER_EVAL_FIELDS = ("eval_batch_size", "logger", "wandb_project", "progress_bar")
+TRAINER_EVAL_FIELDS = (
+    "eval_batch_size",
+    "logger",
+    "wandb_project",
+    "wandb_group",
+    "wandb_mode",
+    "progress_bar",
+    "log_every_n_steps",
+)
 MODEL_STAGE_VERSION = 2  # 2: T5 TIGER; fixed selection decoding
 # What a run writes to its folder: a later run in the same folder removes these (and only these).
 RUN_FILES = (
@@ -46,28 +54,23 @@ RUN_FILES = (
 )
 
 
-def _logger(cfg: DictConfig, out: Path):
-    kind = cfg.trainer.logger
-    if kind in (None, "none"):
-        return False
-    if kind == "csv":
-        return L.pytorch.loggers.CSVLogger(out, name="logs", version="")
-    if kind == "wandb":
-        if importlib.util.find_spec("wandb") is None:
-            raise GridError(
-                "trainer.logger=wandb needs the wandb package: pip install wandb "
-                "(or set trainer.logger=csv)"
-            )
-        from lightning.pytorch.loggers import WandbLogger
+def main_process() -> bool:
+    """False in the processes a DDP run adds (Lightning re-runs the command in them, or a
+    cluster starts them): they train and evaluate their share but write no run files."""
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+    return all(int(os.environ[r]) == 0 for r in ranks if os.environ.get(r, "").isdigit())
 
-        offline = not os.environ.get("WANDB_API_KEY")
-        return WandbLogger(
-            project=cfg.trainer.wandb_project,
-            save_dir=str(out),
-            offline=offline,
-            config=OmegaConf.to_container(cfg, resolve=True),
+
+def check_devices(t: DictConfig) -> None:
+    """Fail before any stage runs when `trainer.devices` asks for more GPUs than are visible."""
+    wanted, visible = t.devices, torch.cuda.device_count()
+    if t.accelerator not in ("auto", "gpu", "cuda") or not isinstance(wanted, int) or wanted < 1:
+        return  # -1: all visible devices
+    if wanted > visible and (wanted > 1 or t.accelerator != "auto"):  # auto, 1: CPU is fine
+        raise GridError(
+            f"trainer.devices={wanted} asks for {wanted} GPUs but {visible} are visible; lower "
+            f"trainer.devices or set trainer.accelerator=cpu to run {wanted} CPU processes"
         )
-    raise GridError(f"unknown trainer.logger {kind!r}; choose csv, wandb or none")
 
 
 def model_key(cfg: DictConfig, stages: Stages) -> str:
@@ -98,7 +101,9 @@ def _trainer(cfg: DictConfig, out: Path, callbacks=(), logger=False) -> L.Traine
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
+        num_nodes=t.get("num_nodes", 1),
         strategy=t.strategy,
+        use_distributed_sampler=False,  # the loaders shard themselves, evaluation unpadded
         precision=t.precision,
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
@@ -109,22 +114,45 @@ def _trainer(cfg: DictConfig, out: Path, callbacks=(), logger=False) -> L.Traine
         logger=logger,
         default_root_dir=out,
         enable_progress_bar=t.progress_bar,
+        log_every_n_steps=t.get("log_every_n_steps", 50),
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _every_process(state: dict) -> dict:
+    """A callback's state of every DDP process, for the checkpoint (which the first one writes;
+    every process builds it, so this gathers)."""
+    if not _distributed():
+        return state
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return {"ranks": states}
+
+
+def _this_process(state: dict) -> dict:
+    """This process's part of a state saved by `_every_process`."""
+    if "ranks" not in state:
+        return state
+    return state["ranks"][torch.distributed.get_rank() if _distributed() else 0]
+
+
 class RandomState(Callback):
     """Keeps the RNG states (dropout) in checkpoints, which Lightning does not, so that a resumed
-    run draws what the uninterrupted one would have drawn."""
+    run draws what the uninterrupted one would have drawn; under DDP, every process's."""
 
     def state_dict(self) -> dict:
         state = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        return _every_process(state)
 
     def load_state_dict(self, state: dict) -> None:
+        state = _this_process(state)
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -151,16 +179,26 @@ class TrainingSpeed(Callback):
         self._mark = now
 
     def state_dict(self) -> dict:
-        return {"samples": self.samples, "seconds": self.seconds}
+        return _every_process({"samples": self.samples, "seconds": self.seconds})
 
     def load_state_dict(self, state: dict) -> None:
+        state = _this_process(state)
         self.samples, self.seconds = state["samples"], state["seconds"]
 
-    def summary(self) -> dict:
+    def summary(self, trainer: L.Trainer) -> dict:
+        """Samples of all DDP processes over the slowest one's seconds."""
+        device = trainer.strategy.root_device
+
+        def across(value: float, op: str) -> float:
+            value = torch.tensor(value, dtype=torch.float64, device=device)
+            return float(trainer.strategy.reduce(value, reduce_op=op))
+
+        samples, seconds = across(self.samples, "sum"), across(self.seconds, "max")
         return {
-            "samples": self.samples,
-            "seconds": self.seconds,
-            "samples_per_s": self.samples / max(self.seconds, 1e-9),
+            "samples": int(samples),
+            "seconds": seconds,
+            "samples_per_s": samples / max(seconds, 1e-9),
+            "devices": trainer.world_size,
         }
 
 
@@ -214,8 +252,10 @@ def _fit(cfg: DictConfig, model: Recommender, datamodule, folder: Path, logger) 
         trainer.fit(model, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
     if not best.is_file():  # no validation ran (e.g. a tiny step budget): keep the final weights
         trainer.save_checkpoint(best)
-    (folder / "training.json").write_text(json.dumps(speed.summary(), indent=2))
-    (folder / "DONE").write_text("")
+    summary = speed.summary(trainer)
+    if main_process():
+        (folder / "training.json").write_text(json.dumps(summary, indent=2))
+        (folder / "DONE").write_text("")
     return best
 
 
@@ -264,26 +304,41 @@ def results_table(metrics: dict[str, float], baseline: dict[str, float], ks=(1, 
             f"coverage@10 {m['coverage@10']:.4f}, entropy@10 {m['entropy@10']:.2f}"
         )
     if "infer/seconds" in metrics:
+        devices = metrics.get("infer/devices", 1)
         lines.append(
             f"inference: {metrics['infer/seconds']:.1f} s over the test set, "
             f"{metrics['infer/users_per_s']:.0f} users/s"
+            + (f" on {devices:.0f} devices" if devices > 1 else "")
         )
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
-    """Run the pipeline of a composed config; write config.yaml, metrics.json and stage outputs."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:  # an earlier run's outputs must not pass for this run's
+def _clear(out: Path) -> None:
+    """Remove an earlier run's outputs from `out`: they must not pass for this run's."""
+    for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    for events in (out / "logs").glob("events.out.tfevents.*"):  # TensorBoard's
+        events.unlink()
+
+
+def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
+    """Run the pipeline of a composed config; write config.yaml, metrics.json and stage outputs.
+
+    Under DDP every process runs it (Lightning re-runs the command); only the main one writes.
+    """
+    out = Path(out)
+    main = main_process()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _clear(out)
+        (out / "config.yaml").write_text(to_yaml(cfg))
     start = time.perf_counter()
     L.seed_everything(cfg.seed, verbose=False)
     torch.set_float32_matmul_precision("high")
     generator_cls = component(GENERATORS, cfg.generator, "generator")
     generator_cls.check_params(**params(cfg.generator))  # before the costly stages
-    logger = _logger(cfg, out)
+    check_devices(cfg.trainer)
+    logger = make_logger(cfg, out, generator_cls.consumes)
     cache = StageCache(os.environ.get("GRID_CACHE", cfg.cache_dir))
     stages = prepare(cfg, cache, generator_cls.consumes, min_items=max(KS))
     provenance = {}  # cache folder per stage
@@ -292,9 +347,11 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     if stages.cf_embeddings_key is not None:
         provenance["cf_embeddings"] = str(cache.path("embeddings", stages.cf_embeddings_key))
     if stages.tokenizer_report is not None:
-        (out / "tokenizer_report.json").write_text(json.dumps(stages.tokenizer_report, indent=2))
-        shutil.copy(cache.path("sids", stages.sids_key) / "sids.npz", out / "sids.npz")
         provenance["sids"] = str(cache.path("sids", stages.sids_key))
+        if main:
+            report = json.dumps(stages.tokenizer_report, indent=2)
+            (out / "tokenizer_report.json").write_text(report)
+            shutil.copy(cache.path("sids", stages.sids_key) / "sids.npz", out / "sids.npz")
     t = cfg.trainer
     datamodule = SequenceDataModule(
         stages.split,
@@ -320,37 +377,37 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         folder = cache.path("model", key)
         provenance["model"] = str(folder)
         # One process trains a key, the others wait and reuse it; a finished one needs no lock.
-        with nullcontext() if cache.done("model", key) else cache.locked("model", key):
+        # The other processes of a DDP run train with the main one, which holds the lock.
+        free = cache.done("model", key) or not main
+        with nullcontext() if free else cache.locked("model", key):
             best = _fit(cfg, model, datamodule, folder, logger)
         checkpoint = model.load_checkpoint(best)
-        shutil.copy(best, out / "model.ckpt")
-        selection = _selection(cfg, model, len(datamodule.valid_set), checkpoint)
-        (out / "selection.json").write_text(json.dumps(selection, indent=2))
-    (out / "stages.json").write_text(json.dumps(provenance, indent=2))  # cache folder per stage
+        if main:
+            shutil.copy(best, out / "model.ckpt")
+            selection = _selection(cfg, model, len(datamodule.valid_set), checkpoint)
+            (out / "selection.json").write_text(json.dumps(selection, indent=2))
+    if main:
+        (out / "stages.json").write_text(json.dumps(provenance, indent=2))
     metrics = _evaluate(cfg, model, datamodule, out, logger)
     baseline = (
         metrics
         if isinstance(model, Popularity)
         else _evaluate(cfg, Popularity.build(inputs), datamodule, out, False)
     )
+    if not main:
+        return metrics
     metrics["run/seconds"] = time.perf_counter() - start
     if model.trainable and (folder / "training.json").is_file():  # from the run that trained it
         training = json.loads((folder / "training.json").read_text())
         metrics["train/seconds"] = training["seconds"]
         metrics["train/samples_per_s"] = training["samples_per_s"]
+        metrics["train/devices"] = training.get("devices", 1)
     metrics.update(
         {f"baseline/popularity/{k}": v for k, v in baseline.items() if not k.startswith("infer/")}
     )
-    if logger and stages.tokenizer_report is not None:
-        logger.log_metrics(
-            {
-                f"tokenizer/{k}": v
-                for k, v in stages.tokenizer_report.items()
-                if isinstance(v, int | float)
-            }
-        )
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     os.replace(tmp, out / "metrics.json")
+    log_final(logger, metrics, stages.tokenizer_report)
     print(results_table(metrics, baseline))
     return metrics

@@ -97,15 +97,23 @@ class Recommender(L.LightningModule):
         self._users, self._infer_seconds = 0, 0.0
 
     def _eval_end(self, stage: str) -> None:
+        """Sum the totals over DDP processes (each scored its own users) and log the metrics.
+
+        Inference time with several devices is the slowest process's seconds, so users/s is
+        the throughput of all `infer/devices` devices together.
+        """
         reduce = self.trainer.strategy.reduce
         self._totals.reduce(lambda total: reduce(total.to(self.device), reduce_op="sum"))
         for name, value in sorted(self._totals.results().items()):
             self.log(f"{stage}/{name}", value, sync_dist=False)
         if stage == "test":
-            seconds = float(self._infer_seconds)
+            users = float(self._totals.sums.get("users", 0.0))
+            seconds = torch.tensor(self._infer_seconds, dtype=torch.float64, device=self.device)
+            seconds = float(reduce(seconds, reduce_op="max"))
+            self.log("infer/devices", float(self.trainer.world_size))
             self.log("infer/seconds", seconds)
-            self.log("infer/ms_per_user", 1000.0 * seconds / max(self._users, 1))
-            self.log("infer/users_per_s", self._users / max(seconds, 1e-9))
+            self.log("infer/ms_per_user", 1000.0 * seconds / max(users, 1))
+            self.log("infer/users_per_s", users / max(seconds, 1e-9))
 
     # --- checkpoints ---------------------------------------------------------------------------
 
