@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from grid.errors import GridError
+
+log = logging.getLogger(__name__)
 
 # Not part of a configuration: the seed (averaged over) and fields that change no result.
 IGNORED = ("seed", "cache_dir", "trainer.logger", "trainer.wandb_project", "trainer.progress_bar")
@@ -100,6 +103,9 @@ def _run_folders(folder: Path) -> list[Path]:
             else "neither it nor a subfolder holds config.yaml and metrics.json"
         )
         raise GridError(f"no finished runs in {folder}: {why}")
+    unfinished = [p.name for p in subfolders if (p / "config.yaml").is_file() and not _is_run(p)]
+    if unfinished:
+        log.warning("%s: left out %d unfinished runs: %s", folder, len(unfinished), unfinished)
     return runs
 
 
@@ -194,34 +200,39 @@ def summarize(configs: list[Configuration], metrics: list[str]) -> None:
             c.std[name] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
 
 
-def _per_user(c: Configuration, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(users, each user's `metric` averaged over the seeds), or None without per_user.npz or
-    when seeds disagree on the test users."""
-    users, values = None, []
+def _per_user(c: Configuration) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """(test users, each user's PAIRED metrics averaged over the seeds), or None (with a
+    warning) when a run has no per_user.npz or the seeds disagree on the test users."""
+    users, values = None, {m: [] for m in PAIRED}
     for run in c.runs:
         if not (run.path / "per_user.npz").is_file():
+            log.warning("%s has no per_user.npz (an older run?): no p-values for it", run.path)
             return None
         with np.load(run.path / "per_user.npz") as rows:
             if users is not None and not np.array_equal(rows["user"], users):
+                log.warning("the seeds of %s have different test users: no p-values", c.label)
                 return None
             users = rows["user"]
-            values.append(rows[metric].astype(np.float64))
-    return users, np.mean(values, axis=0)
+            for m in PAIRED:
+                values[m].append(rows[m].astype(np.float64))
+    return users, {m: np.mean(v, axis=0) for m, v in values.items()}
 
 
 def paired_tests(configs: list[Configuration], baseline: int) -> None:
     """Two-sided paired t-test p-values (scipy.stats.ttest_rel over test users) against the
     baseline configuration; NaN where per-user rows are missing or the test users differ."""
-    for metric in PAIRED:
-        base = _per_user(configs[baseline], metric)
-        for i, c in enumerate(configs):
-            ours = None if i == baseline else _per_user(c, metric)
-            p = math.nan
-            if base is not None and ours is not None and np.array_equal(base[0], ours[0]):
+    base = _per_user(configs[baseline])
+    for i, c in enumerate(configs):
+        ours = None if i == baseline or base is None else _per_user(c)
+        if ours is not None and not np.array_equal(base[0], ours[0]):
+            log.warning("%s and the baseline have different test users: no p-values", c.label)
+            ours = None
+        for metric in PAIRED:
+            c.p[metric] = math.nan
+            if ours is not None:
                 with warnings.catch_warnings():  # identical per-user values: p is NaN
                     warnings.simplefilter("ignore", RuntimeWarning)
-                    p = float(stats.ttest_rel(ours[1], base[1]).pvalue)
-            c.p[metric] = p
+                    c.p[metric] = float(stats.ttest_rel(ours[1][metric], base[1][metric]).pvalue)
 
 
 def choose_baseline(configs: list[Configuration], baseline: str | None) -> int:

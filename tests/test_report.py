@@ -174,6 +174,19 @@ def test_default_baseline_and_runs_given_one_by_one(sweep, tmp_path):
         (sweep / "pop-s1" / name).unlink()
 
 
+def test_unfinished_runs_and_missing_per_user_rows_are_warned_about(sweep, tmp_path, caplog):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("report*"))
+    (copy / "h8-s2" / "metrics.json").unlink()  # killed before it finished
+    (copy / "pop-s1" / "per_user.npz").unlink()  # made before runs wrote per-user rows
+    assert main(["report", str(copy)]) == 0
+    rows = read_csv(copy / "report.csv")
+    assert [r["seeds"] for r in rows] == ["1", "1", "2"]
+    assert all(math.isnan(float(r["p ndcg@10"])) for r in rows)  # pop is the baseline
+    assert "left out 1 unfinished runs: ['h8-s2']" in caplog.text
+    assert "pop-s1 has no per_user.npz" in caplog.text
+
+
 def test_failed_run_leaves_no_per_user_rows(small_beauty, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
