@@ -286,17 +286,15 @@ def check_metric(runs: list[Run], metric: str) -> str:
     )
 
 
-def _fmt(x: float, like: float) -> str:
-    """`x` with the decimals that suit `like` (the mean): 4 below 10, 1 below 100, else 0."""
-    if math.isnan(x):
-        return ""
-    return f"{x:.{0 if abs(like) >= 100 else 1 if abs(like) >= 10 else 4}f}"
+def _fmt(x: float, digits: int) -> str:
+    return "" if math.isnan(x) else f"{x:.{digits}f}"
 
 
 def _cells(c: Configuration, columns: list[str], baseline: int, row: int) -> list[str]:
     cells = [str(row), *(_text(v) for v in c.settings.values()), str(len(c.runs))]
-    for name in columns:
-        mean, std = _fmt(c.mean[name], c.mean[name]), _fmt(c.std[name], c.mean[name])
+    for name in columns:  # metrics with 4 decimals, timings with 1 (0 from 100 up)
+        digits = 4 if name.startswith("test/") else 1 if abs(c.mean[name]) < 100 else 0
+        mean, std = _fmt(c.mean[name], digits), _fmt(c.std[name], digits)
         cells.append(f"{mean} ± {std}" if std else mean)
     for metric in PAIRED:
         p = c.p.get(metric, math.nan)
@@ -342,14 +340,15 @@ def _pyplot():
 def plot_metric(path: Path, configs: list[Configuration], metric: str) -> None:
     """`metric` per configuration: mean with a ±std error bar and one dot per seed."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(configs) + 2), 3.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(configs) + 2), 3.6), dpi=100)
     for i, c in enumerate(configs):
         seeds = [r.metrics[metric] for r in c.runs if metric in r.metrics]
-        ax.scatter([i] * len(seeds), seeds, s=12, color="0.6", zorder=1)
-        ax.errorbar(i, c.mean[metric], yerr=np.nan_to_num(c.std[metric]), fmt="o", capsize=4)
+        bar = ax.errorbar(i, c.mean[metric], yerr=np.nan_to_num(c.std[metric]), fmt="o", capsize=4)
+        ax.scatter([i + 0.08] * len(seeds), seeds, s=10, color=bar[0].get_color(), alpha=0.5)
+    ax.set_xlim(-0.5, len(configs) - 0.5)
     ax.set_xticks(range(len(configs)), [c.label.replace(", ", "\n") for c in configs], fontsize=8)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric}: mean ± std over seeds", fontsize=10)
+    ax.set_title("mean ± std over seeds (dots: runs)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
