@@ -1,4 +1,4 @@
-"""The `grid` command line: run, config show, tokenize."""
+"""The `grid` command line: run, config show, tokenize, report."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ EPILOG = """examples:
   grid run tokenizer=rvq generator.beam_width=10
   grid run experiments/grid_handbook/beauty_rkmeans_tiger.yaml --out runs/handbook
   grid config show tokenizer=opq
-  grid tokenize tokenizer=opq --out runs/opq"""
+  grid tokenize tokenizer=opq --out runs/opq
+  grid report runs/sweep --baseline generator.name=sasrec"""
 
 
 def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -105,6 +106,12 @@ def cmd_tokenize(ns: argparse.Namespace) -> None:
         tokenize_command(cfgs[""], ns.out)
 
 
+def cmd_report(ns: argparse.Namespace) -> None:
+    from grid.report import report
+
+    report(ns.folders, ns.out, ns.metric, ns.baseline)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grid",
@@ -154,6 +161,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="folder for tokenizer_report.json and the SIDs")
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser(
+        "report",
+        help="compare finished runs: mean ± std over seeds, paired tests, plots",
+        description="Group finished runs (folders with metrics.json and config.yaml; a sweep "
+        "folder stands for its run subfolders) into configurations that differ only in seed; "
+        "print and write report.md, report.csv and PNG plots with mean ± std over seeds and "
+        "paired t-test p-values over test users against a baseline row.",
+    )
+    p.add_argument("folders", nargs="+", metavar="SWEEP_DIR|RUN_DIR", help="runs to compare")
+    p.add_argument("--out", help="folder for the report (default: the first folder given)")
+    p.add_argument(
+        "--metric", default="test/ndcg@10", help="metric of the plots (default test/ndcg@10)"
+    )
+    p.add_argument(
+        "--baseline",
+        help="row index or KEY=VALUE[,KEY=VALUE] of the configuration the others are tested "
+        "against (default: row 0)",
+    )
+    p.set_defaults(func=cmd_report)
     return parser
 
 

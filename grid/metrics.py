@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 KS = (1, 5, 10, 20)
@@ -33,19 +34,33 @@ class RankingTotals:
     Accumulated batch by batch, so any split into batches (or processes, after summing the
     totals) gives the same results. A user is warm when its target item appears in the training
     sequences. Coverage@K: distinct items in the top-K lists / catalogue size; Entropy@K: entropy
-    (natural log) of how often each item appears in the top-K lists.
+    (natural log) of how often each item appears in the top-K lists. With `per_user`, it also
+    keeps every user's Recall@K and NDCG@K for paired tests (`per_user_results`).
     """
 
-    def __init__(self, num_items: int, ks=KS, device: torch.device | str = "cpu"):
+    def __init__(
+        self, num_items: int, ks=KS, device: torch.device | str = "cpu", per_user: bool = False
+    ):
         self.num_items, self.ks = num_items, tuple(ks)
         self.sums: dict[str, torch.Tensor] = {}
         self.counts = torch.zeros(len(self.ks), num_items, dtype=torch.float64, device=device)
+        self.rows: list[dict[str, torch.Tensor]] | None = [] if per_user else None
 
     def update(
-        self, ranked: torch.Tensor, target: torch.Tensor, warm: torch.Tensor | None = None
+        self,
+        ranked: torch.Tensor,
+        target: torch.Tensor,
+        warm: torch.Tensor | None = None,
+        user: torch.Tensor | None = None,
     ) -> None:
-        """Add a batch: ranked item ids `[B, >=max(ks)]` (-1: none), targets `[B]`, warm `[B]`."""
+        """Add a batch: ranked item ids `[B, >=max(ks)]` (-1: none), targets `[B]`, warm `[B]`
+        and, when keeping per-user rows, user ids `[B]`."""
         per_user = rank_metrics(ranked, target, self.ks)
+        if self.rows is not None:
+            if user is None:
+                raise ValueError("per-user totals need the batch's user ids")
+            flags = {} if warm is None else {"warm": warm}
+            self.rows.append({"user": user, **flags, **per_user})
         per_user["users"] = torch.ones_like(target, dtype=torch.float64)
         groups = {"": None} if warm is None else {"": None, "warm/": warm, "cold/": ~warm}
         for prefix, mask in groups.items():
@@ -81,3 +96,14 @@ class RankingTotals:
             p = counts[counts > 0] / counts.sum().clamp(min=1)
             out[f"entropy@{k}"] = float(-(p * p.log()).sum())
         return out
+
+    def per_user_results(self) -> dict[str, np.ndarray]:
+        """The kept rows as arrays (`user`, `warm`, `recall@K`, `ndcg@K`), one row per user sorted
+        by user id; a user seen twice (a distributed sampler's padding) counts once."""
+        if not self.rows:
+            return {}
+        rows = {
+            name: torch.cat([r[name] for r in self.rows]).cpu().numpy() for name in self.rows[0]
+        }
+        _, first = np.unique(rows["user"], return_index=True)
+        return {name: values[first] for name, values in rows.items()}

@@ -13,6 +13,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -44,6 +45,7 @@ MODEL_STAGE_VERSION = 2  # 2: T5 TIGER; fixed selection decoding
 RUN_FILES = (
     "config.yaml",
     "metrics.json",
+    "per_user.npz",
     "stages.json",
     "model.ckpt",
     "selection.json",
@@ -283,6 +285,14 @@ def _evaluate(
     return {k: float(v) for k, v in {**valid[0], **test[0]}.items()}
 
 
+def _write_per_user(out: Path, rows: dict[str, np.ndarray], user_ids: list[str]) -> None:
+    """per_user.npz: each test user's internal `user` index, `user_id`, `warm` flag and
+    recall@K / ndcg@K, sorted by user; their means are the test metrics."""
+    with open(out / "per_user.npz.tmp", "wb") as f:
+        np.savez(f, **rows, user_id=np.asarray(user_ids)[rows["user"]])
+    os.replace(out / "per_user.npz.tmp", out / "per_user.npz")
+
+
 def results_table(metrics: dict[str, float], baseline: dict[str, float], ks=(1, 5, 10, 20)) -> str:
     """Recall/NDCG rows for the model and the popularity baseline, valid and test."""
     head = f"{'':24}" + "".join(f"{f'{m}@{k}':>11}" for m in ("recall", "ndcg") for k in ks)
@@ -405,6 +415,10 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     metrics.update(
         {f"baseline/popularity/{k}": v for k, v in baseline.items() if not k.startswith("infer/")}
     )
+    if model.trainer.world_size == 1:  # a DDP rank holds its own users only: no gather yet
+        _write_per_user(out, model.test_per_user, stages.dataset.users)
+    else:
+        log.warning("per_user.npz is not written under DDP; grid report's paired test skips it")
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     os.replace(tmp, out / "metrics.json")

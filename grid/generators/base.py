@@ -59,6 +59,7 @@ class Recommender(L.LightningModule):
         self._totals = RankingTotals(num_items, self.ks)
         self._users = 0
         self._infer_seconds = 0.0
+        self.test_per_user: dict[str, np.ndarray] = {}  # per-user test rows (per_user.npz)
 
     @property
     def selecting(self) -> bool:
@@ -89,11 +90,12 @@ class Recommender(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self._infer_seconds += time.perf_counter() - start
-        self._totals.update(ranked, batch["target"], batch.get("warm"))
+        self._totals.update(ranked, batch["target"], batch.get("warm"), batch.get("user"))
         self._users += len(batch["target"])
 
     def _eval_start(self) -> None:
-        self._totals = RankingTotals(self.num_items, self.ks, self.device)
+        testing = self._trainer is not None and self._trainer.testing  # keep per-user rows
+        self._totals = RankingTotals(self.num_items, self.ks, self.device, per_user=testing)
         self._users, self._infer_seconds = 0, 0.0
 
     def _eval_end(self, stage: str) -> None:
@@ -111,6 +113,8 @@ class Recommender(L.LightningModule):
             seconds = torch.tensor(self._infer_seconds, dtype=torch.float64, device=self.device)
             seconds = float(reduce(seconds, reduce_op="max"))
             self.log("infer/devices", float(self.trainer.world_size))
+            # This process's users only: under DDP, gather them before rank 0 writes them.
+            self.test_per_user = self._totals.per_user_results()
             self.log("infer/seconds", seconds)
             self.log("infer/ms_per_user", 1000.0 * seconds / max(users, 1))
             self.log("infer/users_per_s", users / max(seconds, 1e-9))
