@@ -180,9 +180,8 @@ def cells(sweep: Sweep, seeds: list[int] | None = None) -> list[dict[str, object
     for combo in itertools.product(*sweep.grid.values()):
         for row in rows:
             for seed in seeds or [None]:
-                cell = dict(zip(sweep.grid, combo, strict=True)) | dict(
-                    zip(sweep.zipped, row, strict=False)
-                )
+                cell = dict(zip(sweep.grid, combo, strict=True))
+                cell |= dict(zip(sweep.zipped, row, strict=True))
                 out.append(cell | ({"seed": seed} if seed is not None else {}))
     return out
 
@@ -224,9 +223,9 @@ def plan(sweep: Sweep, out: Path, smoke: bool = False, extra: Iterable[str] = ()
         if parse_override(text)[0] in swept:
             raise GridError(f"{text.split('=')[0]} is swept by {sweep.path}; do not override it")
     fixed = sweep.overrides + (sweep.smoke["overrides"] if smoke else []) + extra
-    seeds = sweep.seeds[:1] if smoke and sweep.smoke["seeds"] is None else None
-    if smoke and sweep.smoke["seeds"] is not None:
-        seeds = list(sweep.smoke["seeds"])
+    seeds = None  # the sweep's; a smoke pass runs each cell once unless smoke.seeds says
+    if smoke:
+        seeds = sweep.seeds[:1] if sweep.smoke["seeds"] is None else list(sweep.smoke["seeds"])
     base = [str(sweep.base)] if sweep.base else []
     runs, seen = [], {}
     for cell in cells(sweep, seeds):
@@ -377,7 +376,8 @@ def submitit_executor(cluster: str, folder: Path, slurm: dict, name: str):
         import submitit
     except ImportError:
         raise GridError(
-            "the slurm launcher needs submitit: pip install submitit (or pip install grid[slurm])"
+            "the slurm launcher needs submitit: pip install submitit "
+            "(or pip install 'grid-rec[slurm]')"
         )
     if cluster == "slurm" and shutil.which("sbatch") is None:
         raise GridError(

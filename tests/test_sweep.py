@@ -183,6 +183,7 @@ def test_failing_run_is_recorded_and_the_others_go_on(small_beauty, tmp_path, ca
     assert len((out / "results.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_two_sweeps_at_once_share_runs_and_caches(small_beauty, tmp_path):
     out, env = tmp_path / "out", {**os.environ, "OMP_NUM_THREADS": "1"}
     paths = [
