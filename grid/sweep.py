@@ -351,8 +351,8 @@ def launch_local(runs: list[Run], slots: list[str | None], done: Done) -> None:
 
 def _minutes(time) -> int:
     """`time` as minutes: an int, or Slurm's `HH:MM:SS` / `D-HH:MM:SS`."""
-    if isinstance(time, int):
-        return time
+    if isinstance(time, int) or str(time).isdigit():
+        return int(time)
     days, _, clock = str(time).rpartition("-")
     try:
         h, m, s = (int(x) for x in clock.split(":"))
@@ -379,10 +379,10 @@ def submitit_executor(cluster: str, folder: Path, slurm: dict, name: str):
             "the slurm launcher needs submitit: pip install submitit "
             "(or pip install 'grid-rec[slurm]')"
         )
-    if cluster == "slurm" and shutil.which("sbatch") is None:
+    if cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
         raise GridError(
-            "--launcher slurm needs a Slurm cluster but sbatch is not on PATH; run it on a "
-            "login node, or use --launcher local"
+            "--launcher slurm needs a Slurm cluster but sbatch/srun are not on PATH; run it on "
+            "a login node, or use --launcher local"
         )
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
     executor.update_parameters(**submitit_parameters(slurm, name))
@@ -414,14 +414,29 @@ def _write(path: Path, text: str) -> None:
 
 
 def collect(runs: list[Run], out: Path) -> list[dict]:
-    """Write results.csv and results.jsonl: one row per finished run (id, swept values, metrics)."""
-    rows = []
-    for run in runs:
-        if (run.folder / "metrics.json").is_file():
-            metrics = json.loads((run.folder / "metrics.json").read_text())
-            rows.append({"run_id": run.run_id, **run.values, **metrics})
+    """Write results.csv and results.jsonl: one row per finished run (id, swept values, metrics).
+
+    Rows of other sweeps sharing the folder stay while their runs stay finished.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "results.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    with FileLock(out / "results.lock"):
+        rows = {}
+        if (out / "results.jsonl").is_file():
+            for line in (out / "results.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                if (out / row["run_id"] / "metrics.json").is_file():
+                    rows[row["run_id"]] = row
+        for run in runs:
+            if (run.folder / "metrics.json").is_file():
+                metrics = json.loads((run.folder / "metrics.json").read_text())
+                rows[run.run_id] = {"run_id": run.run_id, **run.values, **metrics}
+        rows = list(rows.values())
+        _write(out / "results.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        _write(out / "results.csv", _csv(rows))
+    return rows
+
+
+def _csv(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     text = io.StringIO()
     writer = csv.DictWriter(text, columns, lineterminator="\n")
@@ -430,8 +445,7 @@ def collect(runs: list[Run], out: Path) -> list[dict]:
         writer.writerow(
             {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()}
         )
-    _write(out / "results.csv", text.getvalue())
-    return rows
+    return text.getvalue()
 
 
 def describe(sweep: Sweep, runs: list[Run], out: Path) -> str:

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from grid.cli import main
 from grid.config import GROUPS, ROOT, compose
-from grid.sweep import cells, load_sweep, plan, run_id, wandb_spec
+from grid.sweep import cells, load_sweep, plan, run_id, submitit_parameters, wandb_spec
 
 HANDBOOK = sorted((ROOT / "experiments" / "grid_handbook").glob("sweep_*.yaml"))
 
@@ -189,7 +189,7 @@ def test_two_sweeps_at_once_share_runs_and_caches(small_beauty, tmp_path):
     paths = [
         write_sweep(tmp_path, name, grid={"generator.hidden": hidden}, seeds=[0],
                     overrides=sasrec(small_beauty))
-        for name, hidden in (("a", [8, 16]), ("b", [16, 8]))
+        for name, hidden in (("a", [16, 8]), ("b", [16, 24]))
     ]  # fmt: skip
     sweeps = [
         subprocess.Popen(
@@ -200,18 +200,20 @@ def test_two_sweeps_at_once_share_runs_and_caches(small_beauty, tmp_path):
         for p in paths
     ]
     assert [s.wait(timeout=300) for s in sweeps] == [0, 0]
-    runs = plan(load_sweep(paths[0]), out)
-    assert {r.run_id for r in runs} == {r.run_id for r in plan(load_sweep(paths[1]), out)}
+    a, b = (plan(load_sweep(p), out) for p in paths)
+    assert a[0].run_id == b[0].run_id  # both started with this run at the same moment
+    runs = [*a, b[1]]
     for run in runs:  # each run executed once: the other sweep waited on its lock and skipped it
         assert (run.folder / "run.log").read_text().count("grid run ->") == 1
         stages = json.loads((run.folder / "stages.json").read_text())
         assert (Path(stages["model"]) / "DONE").is_file()
-    rows = {json.loads(line)["run_id"] for line in (out / "results.jsonl").read_text().splitlines()}
-    assert rows == {r.run_id for r in runs}
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["run_id"] for r in rows) == sorted(r.run_id for r in runs)
+    assert {r["generator.hidden"] for r in rows} == {8, 16, 24}
     cache = tmp_path / "cache"
     assert not list(cache.rglob(".tmp-*"))
     assert all((key / "DONE").is_file() for key in cache.glob("*/*") if key.is_dir())
-    assert metrics(runs[0].folder) != metrics(runs[1].folder)
+    assert len({json.dumps(metrics(run.folder)) for run in runs}) == 3
 
 
 def test_wandb_spec_runs_the_same_grid(tmp_path):
@@ -277,6 +279,26 @@ def test_slurm_without_submitit(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install submitit" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_slurm_section_gives_valid_submitit_parameters(tmp_path):
+    from submitit import AutoExecutor, SlurmExecutor
+
+    slurm = {"partition": "gpu", "time": "1-02:00:30", "gpus_per_run": 2, "cpus_per_run": 8,
+             "mem_gb": 64, "array_parallelism": 4, "additional": {"account": "lab"}}  # fmt: skip
+    params = submitit_parameters(slurm, "grid-x")
+    valid = AutoExecutor._valid_parameters() | {
+        f"slurm_{p}" for p in SlurmExecutor._valid_parameters()
+    }
+    assert set(params) <= valid
+    assert params["timeout_min"] == 24 * 60 + 2 * 60 + 1 and params["gpus_per_node"] == 2
+    assert params["slurm_partition"] == "gpu" and params["slurm_additional_parameters"] == {
+        "account": "lab"
+    }
+    assert submitit_parameters({"time": "90"}, "x")["timeout_min"] == 90
+    path = write_sweep(tmp_path, grid={"tokenizer.levels": [2]}, slurm={"gpu_per_run": 1})
+    with pytest.raises(Exception, match="did you mean 'gpus_per_run'"):
+        load_sweep(path)
 
 
 def test_zipped_override_needs_one_value_per_key():
