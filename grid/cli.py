@@ -92,21 +92,16 @@ def cmd_sweep(ns: argparse.Namespace) -> None:
     print(sw.describe(sweep, runs, out))
     if ns.dry_run:
         return
-    slurm = sweep.slurm | {
-        k: v
-        for k, v in [
-            ("partition", ns.partition),
-            ("time", ns.time),
-            ("gpus_per_run", ns.gpus_per_run),
-        ]
-        if v is not None
-    }
-    if ns.launcher == "local":
-        slots = sw.local_slots(ns.gpus, ns.per_gpu, ns.max_parallel)
+    flags = {"partition": ns.partition, "time": ns.time, "gpus_per_run": ns.gpus_per_run}
+    slurm = sweep.slurm | {k: v for k, v in flags.items() if v is not None}
+    cluster = {"slurm": "slurm", "submitit-local": "local"}.get(ns.launcher)
+    if cluster:
+        sw.check_submitit(cluster)
     else:
-        cluster = "slurm" if ns.launcher == "slurm" else "local"
-        executor = sw.submitit_executor(cluster, out / ".submitit", slurm, f"grid-{out.name}")
+        slots = sw.local_slots(ns.gpus, ns.per_gpu, ns.max_parallel)
     _check_folders([], out)
+    if cluster:
+        executor = sw.submitit_executor(cluster, out / ".submitit", slurm, f"grid-{out.name}")
     todo = [run for run in runs if run.status() != "finished"]
     sw.collect(runs, out)
     failed = []
@@ -117,10 +112,10 @@ def cmd_sweep(ns: argparse.Namespace) -> None:
             failed.append(run)
         sw.collect(runs, out)
 
-    if ns.launcher == "local":
-        sw.launch_local(todo, slots, done)
-    else:
+    if cluster:
         sw.launch_submitit(todo, executor, done)
+    else:
+        sw.launch_local(todo, slots, done)
     print(f"results -> {out / 'results.csv'}")
     if failed:
         raise GridError(

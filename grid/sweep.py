@@ -370,10 +370,10 @@ def submitit_parameters(slurm: dict, name: str) -> dict:
     return params
 
 
-def submitit_executor(cluster: str, folder: Path, slurm: dict, name: str):
-    """A submitit AutoExecutor for `cluster` ('slurm', or 'local' for its LocalExecutor)."""
+def check_submitit(cluster: str) -> None:
+    """submitit must be installed, and for 'slurm' this must be a Slurm login node."""
     try:
-        import submitit
+        import submitit  # noqa: F401
     except ImportError:
         raise GridError(
             "the slurm launcher needs submitit: pip install submitit "
@@ -384,6 +384,13 @@ def submitit_executor(cluster: str, folder: Path, slurm: dict, name: str):
             "--launcher slurm needs a Slurm cluster but sbatch/srun are not on PATH; run it on "
             "a login node, or use --launcher local"
         )
+
+
+def submitit_executor(cluster: str, folder: Path, slurm: dict, name: str):
+    """A submitit AutoExecutor for `cluster` ('slurm', or 'local' for its LocalExecutor)."""
+    check_submitit(cluster)
+    import submitit
+
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
     executor.update_parameters(**submitit_parameters(slurm, name))
     return executor

@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 
 from grid.cli import main
 from grid.config import GROUPS, ROOT, compose
+from grid.generators import GENERATORS
+from grid.pipeline import build_tokenizer, params
 from grid.sweep import cells, load_sweep, plan, run_id, submitit_parameters, wandb_spec
 
 HANDBOOK = sorted((ROOT / "experiments" / "grid_handbook").glob("sweep_*.yaml"))
@@ -321,3 +323,7 @@ def test_handbook_sweeps_expand_and_their_smoke_runs_compose(path, tmp_path):
     assert cfg.generator.d_model == 32 and cfg.seed == sweep.seeds[0]
     for key, values in sweep.grid.items():
         assert OmegaConf.select(cfg, f"{key}.name" if key in GROUPS else key) == values[0]
+    for run in smoke + plan(sweep, tmp_path)[:: len(sweep.seeds)]:  # every cell, full and smoke
+        cfg = compose(sweep.base, run.args[1:])
+        build_tokenizer(cfg.tokenizer)  # the components' own field checks, as `grid run` does
+        GENERATORS[cfg.generator.name].check_params(**params(cfg.generator))
