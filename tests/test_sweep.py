@@ -17,7 +17,15 @@ from grid.cli import main
 from grid.config import GROUPS, ROOT, compose
 from grid.generators import GENERATORS
 from grid.pipeline import build_tokenizer, params
-from grid.sweep import cells, load_sweep, plan, run_id, submitit_parameters, wandb_spec
+from grid.sweep import (
+    cells,
+    load_sweep,
+    local_slots,
+    plan,
+    run_id,
+    submitit_parameters,
+    wandb_spec,
+)
 
 HANDBOOK = sorted((ROOT / "experiments" / "grid_handbook").glob("sweep_*.yaml"))
 
@@ -301,6 +309,21 @@ def test_slurm_section_gives_valid_submitit_parameters(tmp_path):
     path = write_sweep(tmp_path, grid={"tokenizer.levels": [2]}, slurm={"gpu_per_run": 1})
     with pytest.raises(Exception, match="did you mean 'gpus_per_run'"):
         load_sweep(path)
+
+
+def test_local_slots_spread_runs_over_the_visible_gpus(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert local_slots() == ["3", "5"]
+    assert local_slots(per_gpu=2) == ["3", "5", "3", "5"]
+    assert local_slots(gpus=1, per_gpu=3) == ["3", "3", "3"]
+    assert local_slots(per_gpu=2, max_parallel=3) == ["3", "5", "3"]
+    with pytest.raises(Exception, match="--gpus 3 but only 2 GPU"):
+        local_slots(gpus=3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert local_slots() == [None] and local_slots(max_parallel=2) == [None, None]
 
 
 def test_zipped_override_needs_one_value_per_key():
