@@ -1,4 +1,4 @@
-"""The `grid` command line: run, config show, tokenize, report."""
+"""The `grid` command line: run, sweep, report, config show, tokenize."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from grid.errors import GridError
 
 EPILOG = """examples:
   grid run                                   the default experiment (Beauty, RK-Means, TIGER)
-  grid run tokenizer=rvq generator.beam_width=10
-  grid run experiments/grid_handbook/beauty_rkmeans_tiger.yaml --out runs/handbook
+  grid run tokenizer=rvq generator.beam_width=30
+  grid run experiments/grid_handbook/beauty_rkmeans_tiger_constrained.yaml --out runs/handbook
   grid config show tokenizer=opq
   grid tokenize tokenizer=opq --out runs/opq
+  grid sweep experiments/grid_handbook/sweep_t1_tokenizer.yaml --dry-run
   grid report runs/sweep --baseline generator.name=sasrec"""
 
 
@@ -85,6 +86,51 @@ def cmd_run(ns: argparse.Namespace) -> None:
         os.environ.pop("GRID_RUN_OUT", None)
 
 
+def cmd_sweep(ns: argparse.Namespace) -> None:
+    from grid import sweep as sw
+
+    sweep = sw.load_sweep(ns.sweep)
+    out = Path(ns.out) if ns.out else sw.default_out(sweep, ns.smoke, ns.args)
+    runs = sw.plan(sweep, out, ns.smoke, ns.args)
+    if ns.export_wandb:
+        sw.write_wandb_spec(sweep, Path(ns.export_wandb), ns.args)
+        print(f"wandb sweep spec -> {ns.export_wandb} (wandb sweep {ns.export_wandb})")
+        return
+    print(sw.describe(sweep, runs, out))
+    if ns.dry_run:
+        return
+    flags = {"partition": ns.partition, "time": ns.time, "gpus_per_run": ns.gpus_per_run}
+    slurm = sweep.slurm | {k: v for k, v in flags.items() if v is not None}
+    cluster = {"slurm": "slurm", "submitit-local": "local"}.get(ns.launcher)
+    if cluster:
+        sw.check_submitit(cluster)
+    else:
+        slots = sw.local_slots(ns.gpus, ns.per_gpu, ns.max_parallel)
+    _check_folders([], out)
+    if cluster:
+        executor = sw.submitit_executor(cluster, out / ".submitit", slurm, f"grid-{out.name}")
+    todo = [run for run in runs if run.status() != "finished"]
+    sw.collect(runs, out)
+    failed = []
+
+    def done(run, error) -> None:
+        print(f"{run.run_id}  {'failed: ' + error if error else 'finished'}", flush=True)
+        if error:
+            failed.append(run)
+        sw.collect(runs, out)
+
+    if cluster:
+        sw.launch_submitit(todo, executor, done)
+    else:
+        sw.launch_local(todo, slots, done)
+    print(f"results -> {out / 'results.csv'}")
+    if failed:
+        raise GridError(
+            f"{len(failed)} of {len(runs)} runs failed (first: {failed[0].run_id}: "
+            f"{(failed[0].folder / 'error.txt').read_text().strip()}); fix and run the sweep again"
+        )
+
+
 def cmd_config_show(ns: argparse.Namespace) -> None:
     from grid.config import compose, to_yaml
 
@@ -133,6 +179,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=overrides)
     p.add_argument("--out", help="output folder (default runs/<time>-<data>-<tokenizer>-<gen>)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "sweep",
+        help="run every cell of a sweep file and collect one results table",
+        description="Expand a sweep file (base experiment, grid, zip, seeds) into runs of "
+        "`grid run`, each in SWEEP_OUT/<run id>/; skip finished runs, resume the others, and "
+        "write SWEEP_OUT/results.csv and results.jsonl as runs finish.",
+    )
+    p.add_argument("sweep", metavar="SWEEP", help="sweep YAML (base:, grid:, zip:, seeds: ...)")
+    p.add_argument("args", nargs="*", metavar="KEY=VALUE", help="overrides for every run")
+    p.add_argument("--out", help="sweep folder (default sweeps/<sweep file name>)")
+    p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    p.add_argument("--smoke", action="store_true", help="apply the file's smoke: overrides")
+    p.add_argument(
+        "--launcher",
+        choices=("local", "slurm", "submitit-local"),
+        default="local",
+        help="local subprocesses, Slurm through submitit, or submitit's local "
+        "executor (the slurm code path on this machine)",
+    )
+    p.add_argument("--gpus", type=int, help="local: GPUs to use (default all visible)")
+    p.add_argument("--per-gpu", type=int, help="local: concurrent runs per GPU (default 1)")
+    p.add_argument("--max-parallel", type=int, help="local: most concurrent runs (CPU default 1)")
+    p.add_argument("--partition", help="slurm partition (default the file's slurm.partition)")
+    p.add_argument("--time", help="slurm time limit per run: minutes or HH:MM:SS")
+    p.add_argument("--gpus-per-run", type=int, help="slurm GPUs per run")
+    p.add_argument("--export-wandb", metavar="FILE", help="write a wandb sweep spec and exit")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "config", help="inspect configs", description="Inspect the composed configuration."

@@ -193,6 +193,16 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def _unzip(key: str, value, text: str) -> list[tuple[str, object]]:
+    """`a,b=[x, y]` sets a=x and b=y (how a wandb sweep passes zipped keys)."""
+    if "," not in key:
+        return [(key, value)]
+    keys = key.split(",")
+    if not isinstance(value, list) or len(value) != len(keys):
+        raise GridError(f"override {text!r} names {len(keys)} keys; give {len(keys)} values [...]")
+    return list(zip(keys, value, strict=True))
+
+
 def compose(experiment: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
     """The run config: group defaults, the experiment file (else the default experiment), then
     command-line overrides.
@@ -218,13 +228,13 @@ def compose(experiment: str | Path | None = None, overrides: list[str] = ()) -> 
         fields += [(k, v, str(experiment)) for k, v in _flatten(exp).items()]
     replaced = set()
     for text in overrides:
-        key, value = parse_override(text)
-        if key in GROUPS:
-            if str(value) != str(choices[key]):
-                replaced.add(key)
-            choices[key] = str(value)
-        else:
-            fields.append((key, value, f"override {text!r}"))
+        for key, value in _unzip(*parse_override(text), text):
+            if key in GROUPS:
+                if str(value) != str(choices[key]):
+                    replaced.add(key)
+                choices[key] = str(value)
+            else:
+                fields.append((key, value, f"override {text!r}"))
     fields = [f for f in fields if not (f[2] == str(experiment) and f[0].split(".")[0] in replaced)]
     tree = {"defaults": choices, **{g: load_group(g, str(choices[g])) for g in GROUPS}, **base}
     nullable = _nullable() if any(value is None for _, value, _ in fields) else set()
