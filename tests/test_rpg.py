@@ -275,4 +275,4 @@ def test_cli_run_with_graph_decoding_and_bad_settings(request, tmp_path, capsys)
         assert main([*run_args(data, cache_dir, *bad), "--out", str(out)]) == 2
         assert not (out / "metrics.json").exists()
         last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert last.startswith("error: rpg: ") and message in last
+        assert last.startswith("error: generator.") and message in last
