@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from grid.cache import StageCache
 from grid.data import SequenceDataModule
-from grid.generators import GENERATORS, PipelineInputs
+from grid.generators import GENERATORS
 from grid.pipeline import component, params, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,14 +34,7 @@ def measure(run: Path) -> dict:
     stages = prepare(cfg, StageCache(os.environ.get("GRID_CACHE", cfg.cache_dir)), cls.consumes)
     t = cfg.trainer
     dm = SequenceDataModule(stages.split, cfg.data.max_history, eval_batch_size=t.eval_batch_size)
-    inputs = PipelineInputs(
-        stages.dataset.num_items,
-        stages.dataset.num_users,
-        stages.split.train,
-        stages.sids,
-        stages.embeddings,
-        cf_embeddings=stages.cf_embeddings,
-    )
+    inputs = stages.inputs()
     model = cls.build(inputs, **params(cfg.generator))
     if model.trainable:
         model.load_checkpoint(run / "model.ckpt")

@@ -312,5 +312,14 @@ def check_fields(
                 )
 
 
+def check_divides(section: str, fields: dict, whole: str, part: str) -> None:
+    """Raise GridError unless `fields[part]` divides `fields[whole]` (either missing: no check)."""
+    if whole in fields and part in fields and fields[whole] % fields[part]:
+        raise GridError(
+            f"{section}.{whole}={fields[whole]} is not divisible by {section}.{part}="
+            f"{fields[part]}; choose {part} that divide {whole}"
+        )
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)

@@ -16,6 +16,7 @@ from grid.config import available, load_group
 from grid.data import Dataset, Split, leave_one_out, load_dataset
 from grid.encoders import ENCODERS
 from grid.errors import GridError
+from grid.generators.base import PipelineInputs
 from grid.sids import SemanticIDs, assign_sids
 from grid.tokenizers import TOKENIZERS, Tokenizer
 from grid.tokenizers.base import check_embeddings
@@ -63,6 +64,17 @@ class Stages:
     def key(self, output: str) -> str | None:
         """The cache key of a stage output named as in `Recommender.consumes`."""
         return getattr(self, f"{output}_key")
+
+    def inputs(self) -> PipelineInputs:
+        """What a generator is built from."""
+        return PipelineInputs(
+            self.dataset.num_items,
+            self.dataset.num_users,
+            self.split.train,
+            self.sids,
+            self.embeddings,
+            cf_embeddings=self.cf_embeddings,
+        )
 
 
 def load_split(data_cfg: DictConfig) -> tuple[Dataset, Split]:

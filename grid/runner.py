@@ -22,7 +22,7 @@ from grid.cache import StageCache, stage_key
 from grid.config import to_yaml
 from grid.data import SequenceDataModule
 from grid.errors import GridError
-from grid.generators import GENERATORS, PipelineInputs, Popularity, Recommender
+from grid.generators import GENERATORS, Popularity, Recommender
 from grid.metrics import KS
 from grid.pipeline import Stages, component, params, prepare
 from grid.tracking import log_final, make_logger
@@ -373,14 +373,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         cfg.seed,
         t.val_users,
     )
-    inputs = PipelineInputs(
-        stages.dataset.num_items,
-        stages.dataset.num_users,
-        stages.split.train,
-        stages.sids,
-        stages.embeddings,
-        cf_embeddings=stages.cf_embeddings,
-    )
+    inputs = stages.inputs()
     model = generator_cls.build(inputs, **params(cfg.generator))
     if model.trainable:
         key = model_key(cfg, stages)

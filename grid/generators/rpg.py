@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grid.config import check_fields
+from grid.config import check_divides, check_fields
 from grid.data import last_items
 from grid.errors import GridError
 from grid.generators.base import PipelineInputs, Recommender
@@ -94,11 +94,7 @@ class RPG(Recommender):
     @classmethod
     def check_params(cls, **params) -> None:
         check_fields("generator", params, PARAM_RANGES, {"decoding": DECODINGS})
-        if "hidden" in params and "heads" in params and params["hidden"] % params["heads"]:
-            raise GridError(
-                f"generator.hidden={params['hidden']} is not divisible by "
-                f"generator.heads={params['heads']}; choose heads that divide hidden"
-            )
+        check_divides("generator", params, "hidden", "heads")
 
     @classmethod
     def build(cls, inputs: PipelineInputs, **params) -> RPG:

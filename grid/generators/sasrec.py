@@ -6,9 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from grid.config import check_fields
+from grid.config import check_divides, check_fields
 from grid.data import last_items
-from grid.errors import GridError
 from grid.generators.base import Recommender
 from grid.metrics import KS
 
@@ -65,11 +64,7 @@ class SASRec(Recommender):
     @classmethod
     def check_params(cls, **params) -> None:
         check_fields("generator", params, PARAM_RANGES)
-        if "hidden" in params and "heads" in params and params["hidden"] % params["heads"]:
-            raise GridError(
-                f"generator.hidden={params['hidden']} is not divisible by "
-                f"generator.heads={params['heads']}; choose heads that divide hidden"
-            )
+        check_divides("generator", params, "hidden", "heads")
 
     def __init__(
         self,
