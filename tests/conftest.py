@@ -56,15 +56,29 @@ def beauty_embeddings(beauty: Dataset, beauty_split: Split, stage_cache: StageCa
     return X
 
 
-@pytest.fixture(scope="session")
-def small_beauty(tmp_path_factory):
-    """The first 400 Beauty users and the items they touch, in the plain format."""
-    folder = tmp_path_factory.mktemp("small_beauty")
+# Lightning Trainer arguments for tests: CPU, nothing written, nothing printed.
+QUIET = dict(
+    accelerator="cpu",
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+)
+
+
+def beauty_slice(folder: Path, users: int) -> Path:
+    """Write the first `users` Beauty users and the items they touch to `folder`, plain format."""
     with gzip.open(BEAUTY / "sequences.tsv.gz", "rt") as f:
-        lines = [next(f) for _ in range(400)]
+        lines = [next(f) for _ in range(users)]
     used = {i for line in lines for i in line.split("\t")[1].split()}
     with gzip.open(BEAUTY / "items.jsonl.gz", "rt") as f:
         items = [line for line in f if json.loads(line)["item_id"] in used]
     (folder / "sequences.tsv").write_text("".join(lines))
     (folder / "items.jsonl").write_text("".join(items))
     return folder
+
+
+@pytest.fixture(scope="session")
+def small_beauty(tmp_path_factory):
+    """The first 400 Beauty users and the items they touch, in the plain format."""
+    return beauty_slice(tmp_path_factory.mktemp("small_beauty"), 400)

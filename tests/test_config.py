@@ -1,4 +1,7 @@
+import inspect
+
 import pytest
+from omegaconf import OmegaConf
 
 from grid.config import ROOT, available, compose
 from grid.errors import GridError
@@ -177,3 +180,16 @@ def test_trainer_gpu_alone_composes_the_paper_model(tmp_path):
     exp = tmp_path / "exp.yaml"  # an experiment file on the command line is never replaced
     exp.write_text("generator:\n  encoder_layers: 3\n")
     assert compose(exp, ["trainer=gpu"]).generator.encoder_layers == 3
+
+
+@pytest.mark.parametrize("name", ["tiger", "rpg", "simgr"])
+def test_generator_config_lists_the_constructor_parameters(name):
+    from grid.generators import GENERATORS
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "generator" / f"{name}.yaml"))
+    assert cfg.pop("name") == name
+    params = inspect.signature(GENERATORS[name].__init__).parameters
+    defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+    assert cfg.keys() == defaults.keys()
+    for key, value in cfg.items():  # values that follow other configs (${...}) are left out
+        assert str(value).startswith("${") or value == defaults[key], key

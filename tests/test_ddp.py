@@ -1,7 +1,6 @@
 """DDP: every process takes its share of the data; a 2-process run scores each user exactly once,
 equals the single-process evaluation of its checkpoint and resumes to the uninterrupted result."""
 
-import gzip
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ from grid.data import LengthBucketSampler, SequenceDataModule
 from grid.generators import GENERATORS, PipelineInputs
 from grid.pipeline import component, params, prepare
 from grid.runner import _evaluate
-from tests.conftest import BEAUTY, ROOT
+from tests.conftest import ROOT, beauty_slice
 from tests.test_resume import checkpoint, model_folder, results, sasrec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,15 +56,7 @@ def grid_run(args: list[str], cwd: Path, cache: Path, script: Path | None = None
 @pytest.fixture(scope="module")
 def odd_beauty(tmp_path_factory):
     """The first 401 Beauty users: an odd count, so that padding to equal shares would show."""
-    folder = tmp_path_factory.mktemp("odd_beauty")
-    with gzip.open(BEAUTY / "sequences.tsv.gz", "rt") as f:
-        lines = [next(f) for _ in range(401)]
-    used = {i for line in lines for i in line.split("\t")[1].split()}
-    with gzip.open(BEAUTY / "items.jsonl.gz", "rt") as f:
-        items = [line for line in f if json.loads(line)["item_id"] in used]
-    (folder / "sequences.tsv").write_text("".join(lines))
-    (folder / "items.jsonl").write_text("".join(items))
-    return folder
+    return beauty_slice(tmp_path_factory.mktemp("odd_beauty"), 401)
 
 
 def test_evaluation_shards_are_a_partition_of_the_users():

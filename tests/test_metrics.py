@@ -11,6 +11,7 @@ from grid.generators.popularity import Popularity
 from grid.generators.sasrec import SASRec
 from grid.generators.tiger import TIGER
 from grid.metrics import KS, RankingTotals, rank_metrics
+from tests.conftest import QUIET
 
 
 def brute_force(ranked: list[list[int]], targets: list[int], k: int) -> tuple[float, float]:
@@ -46,14 +47,6 @@ def test_random_rankings_match_brute_force():
 
 
 # --- the evaluation loop: metrics over all users, whatever the batching -------------------------
-
-QUIET = dict(
-    accelerator="cpu",
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-)
 
 
 def validate(model, split, eval_batch_size: int) -> dict[str, float]:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import json
-from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from grid.cli import main
@@ -22,19 +19,12 @@ from grid.generators.popularity import Popularity
 from grid.generators.rpg import RPG, item_graph
 from grid.sids import assign_sids
 from grid.tokenizers.opq import OptimizedPQ
+from tests.conftest import QUIET
 
 from .test_cli import cache  # noqa: F401 (a fixture, requested by name)
 from .test_tiger import subset
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "generator" / "rpg.yaml"
 TINY = dict(hidden=32, heads=2, d_ff=64, layers=2)
-QUIET = dict(
-    accelerator="cpu",
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,16 +85,6 @@ def test_registered_and_bad_settings_fail_with_one_line(sids):
     inputs.num_items = 150
     with pytest.raises(GridError, match="cover 200 items"):
         GENERATORS["rpg"].build(inputs)
-
-
-def test_config_lists_the_constructor_parameters():
-    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
-    assert cfg.pop("name") == "rpg"
-    params = inspect.signature(RPG.__init__).parameters
-    defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
-    assert cfg.keys() == defaults.keys()
-    for name, value in cfg.items():  # values that follow other configs (${...}) are left out
-        assert str(value).startswith("${") or value == defaults[name], name
 
 
 def test_training_step_reaches_every_parameter(sids, batch):

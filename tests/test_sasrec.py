@@ -9,11 +9,9 @@ from grid.data import SequenceDataModule, leave_one_out, pad
 from grid.generators import GENERATORS, PipelineInputs
 from grid.generators.popularity import Popularity
 from grid.generators.sasrec import SASRec
+from tests.conftest import QUIET
 
 BEAUTY = "data/amazon14_beauty"
-QUIET = dict(
-    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

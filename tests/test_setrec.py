@@ -1,7 +1,6 @@
 """SETRec: the sparse attention mask, order-agnostic item token sets, beta chosen on validation
 only, and a short run on Beauty beats popularity."""
 
-import gzip
 import json
 from dataclasses import replace
 
@@ -21,12 +20,9 @@ from grid.generators.popularity import Popularity
 from grid.generators.setrec import BETAS, SETRec, set_attention_mask
 from grid.pipeline import Stages, embed_collaborative
 from grid.runner import model_key
+from tests.conftest import QUIET
 
-from .conftest import BEAUTY
-
-QUIET = dict(
-    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-)
+from .conftest import beauty_slice
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -226,15 +222,7 @@ def test_beta_is_chosen_on_validation_targets_only(trained):
 @pytest.fixture(scope="module")
 def small_beauty(tmp_path_factory):
     """The first 300 Beauty users and the items they touch, in the plain format."""
-    folder = tmp_path_factory.mktemp("small_beauty")
-    with gzip.open(BEAUTY / "sequences.tsv.gz", "rt") as f:
-        lines = [next(f) for _ in range(300)]
-    used = {i for line in lines for i in line.split("\t")[1].split()}
-    with gzip.open(BEAUTY / "items.jsonl.gz", "rt") as f:
-        items = [line for line in f if json.loads(line)["item_id"] in used]
-    (folder / "sequences.tsv").write_text("".join(lines))
-    (folder / "items.jsonl").write_text("".join(items))
-    return folder
+    return beauty_slice(tmp_path_factory.mktemp("small_beauty"), 300)
 
 
 @pytest.mark.slow

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-from pathlib import Path
-
 import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 import grid.generators.simgr as simgr_module
 from grid.data import SequenceDataModule, leave_one_out, pad
@@ -24,7 +20,6 @@ from grid.sids import SemanticIDs, assign_sids
 from grid.tokenizers.opq import OptimizedPQ
 from grid.tokenizers.rkmeans import ResidualKMeans
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "generator" / "simgr.yaml"
 SMALL = dict(d_model=32, num_heads=2, head_dim=16, d_ff=64, layers=2)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,16 +150,6 @@ def test_trains_and_recommends_with_any_sids(beauty, rkmeans_codes, opq_sids, ki
 
 
 # --- config and errors ------------------------------------------------------------------------
-
-
-def test_config_lists_the_constructor_parameters():
-    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
-    assert cfg.pop("name") == "simgr"
-    params = inspect.signature(SimGR.__init__).parameters
-    defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
-    assert cfg.keys() == defaults.keys()
-    for name, value in cfg.items():  # values that follow other configs (${...}) are left out
-        assert str(value).startswith("${") or value == defaults[name], name
 
 
 def test_bad_parameters_raise_one_line_errors(sids):
