@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from grid.data import SequenceDataModule, leave_one_out
+from grid.errors import GridError
+from grid.generators import beam_search
 from grid.generators.beam_search import ConstrainedBeamSearch, PrefixTable
 from grid.generators.tiger import TIGER
 from grid.sids import assign_sids
@@ -68,9 +70,73 @@ def test_prefix_table_lookup_and_next(small):
     assert torch.equal(table.lookup(bad) >= 0, expect)
     # level-0 extensions of the root are exactly the first codes in use
     used = np.unique(sids.unique_codes[:, 0])
-    root = table.next(0, torch.zeros(1, dtype=torch.long))[0]
-    assert torch.equal((root >= 0).nonzero()[:, 0], torch.as_tensor(used))
-    assert (table.next(1, torch.tensor([-1])) == -1).all()
+    root_codes, root_ids = table.extensions(0, torch.zeros(1, dtype=torch.long))
+    assert torch.equal(root_codes[0], torch.as_tensor(used))
+    assert torch.equal(root_ids[0], torch.arange(len(used)))
+    codes, ids = table.extensions(1, torch.tensor([-1]))
+    assert (ids == -1).all() and (codes == sids.vocab_sizes[1]).all()
+
+
+def random_sids(length: int, vocab: int, n: int, seed: int) -> np.ndarray:
+    """Distinct sorted code rows, many sharing long prefixes: mutated copies of a few stems."""
+    rng = np.random.default_rng(seed)
+    stems = rng.integers(0, vocab, size=(4, length))
+    rows = stems[rng.integers(0, 4, size=n)]
+    cut = rng.integers(1, length + 1, size=n)  # keep the first `cut - 1` codes of the stem
+    tail = rng.integers(0, vocab, size=(n, length))
+    rows = np.where(np.arange(length) >= cut[:, None] - 1, tail, rows)
+    return np.unique(rows, axis=0)
+
+
+@pytest.mark.parametrize("length,vocab,n", [(2, 3, 7), (4, 256, 3000), (12, 4, 800)])
+def test_prefix_table_equals_python_trie(length, vocab, n):
+    sids = random_sids(length, vocab, n, seed=length)
+    table = PrefixTable(sids, (vocab,) * length)
+    prefixes = [sorted({tuple(c[:level]) for c in sids.tolist()}) for level in range(length + 1)]
+    ids = [{p: i for i, p in enumerate(level)} for level in prefixes]  # lexicographic numbering
+    for level in range(length):
+        parents = torch.arange(-1, len(prefixes[level]))  # -1: an invalid prefix
+        codes, found = table.extensions(level, parents)
+        following = torch.full((len(parents), vocab), -1)  # every code, valid or not
+        for c in range(vocab):
+            following[:, c] = table.next(level, parents, torch.full_like(parents, c))
+        for row, parent in enumerate(parents.tolist()):
+            expect = {}
+            if parent >= 0:
+                p = prefixes[level][parent]
+                expect = {
+                    c: ids[level + 1][p + (c,)] for c in range(vocab) if p + (c,) in ids[level + 1]
+                }
+            used = found[row] >= 0
+            assert codes[row, used].tolist() == sorted(expect)
+            assert found[row, used].tolist() == [expect[c] for c in sorted(expect)]
+            assert (codes[row, ~used] == vocab).all()
+            assert {c: i for c, i in enumerate(following[row].tolist()) if i >= 0} == expect
+    rng = np.random.default_rng(1)
+    probe = sids[rng.integers(0, len(sids), 500)].copy()
+    flip = rng.random(probe.shape) < 0.5 / length  # invalid extensions of valid prefixes
+    probe[flip] = rng.integers(0, vocab, int(flip.sum()))
+    group = {tuple(c): i for i, c in enumerate(sids.tolist())}
+    expect = [group.get(tuple(c), -1) for c in probe.tolist()]
+    assert table.lookup(torch.as_tensor(probe)).tolist() == expect
+    assert any(e < 0 for e in expect) and any(e >= 0 for e in expect)
+    stored = sum(b.numel() * b.element_size() for b in table.buffers())
+    assert stored <= PrefixTable.bytes_needed(len(sids), length)
+
+
+def test_prefix_table_refuses_a_catalogue_that_would_not_fit(monkeypatch):
+    sids = random_sids(4, 256, 3000, seed=0)
+    need = PrefixTable.bytes_needed(*sids.shape)
+    monkeypatch.setattr(beam_search, "available_memory", lambda: need - 1)
+    with pytest.raises(GridError, match=r"needs about 0\.3 MiB .*generator\.decoding=free"):
+        PrefixTable(sids, (256,) * 4)
+    monkeypatch.setattr(beam_search, "available_memory", lambda: need)
+    PrefixTable(sids, (256,) * 4)
+
+
+def test_prefix_table_refuses_unsorted_codes():
+    with pytest.raises(ValueError, match="lexicographic"):
+        PrefixTable(np.array([[1, 0], [0, 1]]), (2, 2))
 
 
 @pytest.mark.parametrize("config", MODELS)
@@ -224,3 +290,33 @@ def test_free_decoding_drops_and_counts_invalid(small, config):
     found = valid.sum(1).clamp(max=10)
     for row, n in zip(items, found.tolist(), strict=True):
         assert (row[:n] >= 0).all() and (row[n:] == -1).all()
+
+
+def test_beam_wider_than_the_sids_is_clipped_with_the_same_result(small, caplog):
+    sids, dm = small
+    batch = _batch(dm)
+    exact = TIGER(sids, beam_width=sids.num_unique, **SMALL).eval()
+    with caplog.at_level("WARNING"):
+        wide = TIGER(sids, beam_width=sids.num_unique + 50, **SMALL).eval()
+    assert f"exceeds the {sids.num_unique} valid SIDs" in caplog.text
+    groups, scores = wide.search(batch, 20)
+    assert groups.shape[1] == sids.num_unique
+    expect = exact.search(batch, 20)
+    assert torch.equal(groups, expect[0]) and torch.equal(scores, expect[1])
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_long_sids_size_the_positions_and_a_shorter_checkpoint_is_refused(small, t5, tmp_path):
+    short, dm = small
+    codes = np.random.default_rng(3).integers(0, 4, (short.num_items, 12))
+    long = assign_sids(codes, (4,) * 12, "dedup")
+    model = TIGER(long, t5=t5, **SMALL).eval()
+    groups, _ = model.search(_batch(dm), 20)  # 20 items x 13 tokens of history
+    assert (groups >= 0).all()
+    path = tmp_path / "short.ckpt"
+    torch.save(
+        {"state_dict": {}, "grid": TIGER(short, t5=t5, **SMALL).checkpoint_signature()}, path
+    )
+    with pytest.raises(GridError, match="SID vocabulary sizes") as e:
+        model.load_checkpoint(path)
+    assert "\n" not in str(e.value)

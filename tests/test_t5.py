@@ -236,13 +236,15 @@ def test_constrained_beam_search_equals_hf_generate(sids, batch):
         output.logits.masked_fill_(~inside[:, None, :], float("-inf"))
         return output
 
+    following = {}  # each valid prefix -> the codes that may follow it, from the SIDs alone
+    for sid in model.sids.unique_codes.tolist():
+        for level in range(L):
+            following.setdefault(tuple(sid[:level]), set()).add(sid[level])
+
     def allowed(batch_id: int, sent: torch.Tensor) -> list[int]:
         level = len(sent) - 1
-        prefix = torch.zeros((), dtype=torch.long)
-        for i, token in enumerate(sent[1:].tolist()):
-            prefix = model.prefixes.next(i, prefix, torch.tensor(token - model.offsets[i]))
-        children = model.prefixes.next(level, prefix)
-        return (torch.nonzero(children >= 0)[:, 0] + model.offsets[level]).tolist()
+        prefix = tuple(t - model.offsets[i] for i, t in enumerate(sent[1:].tolist()))
+        return sorted(c + model.offsets[level] for c in following.get(prefix, ()))
 
     hook = hf.register_forward_hook(restrict, with_kwargs=True)
     tokens, keep = encoder_inputs(model, few)
