@@ -174,3 +174,20 @@ def test_short_training_beats_popularity(beauty):
     pop = Popularity(items, split.train)
     base = trainer().validate(pop, dm.val_dataloader(), verbose=False)[0]
     assert ours["valid/recall@10"] > base["valid/recall@10"]
+
+
+def test_dropout_keeps_one_minus_p_preserves_the_mean_and_follows_the_torch_seed():
+    from grid.generators.tiger import Dropout
+
+    drop = Dropout(0.15).train()
+    x = torch.ones(1000, 1000)
+    torch.manual_seed(3)
+    a = drop(x)
+    kept = a != 0
+    assert abs(kept.float().mean().item() - 0.85) < 3e-3
+    assert abs(a.mean().item() - 1.0) < 5e-3
+    assert torch.allclose(a[kept], torch.full_like(a[kept], 1 / (1 - 0.15)), rtol=1e-4)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), a)  # the torch seed fixes the mask
+    assert not torch.equal(drop(x), a)  # and each call draws a new one
+    assert torch.equal(drop.eval()(x), x)
