@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_tiger import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEED = "train/samples_per_s"  # absent from older metrics.json
@@ -65,7 +66,7 @@ def main() -> None:
     lines = [
         "# Default `grid run` (first run, empty cache)",
         "",
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; 1-min "
+        f"machine: {cpu_name()}, {os.cpu_count()} cores; 1-min "
         f"load average {load:.1f} at the start and {os.getloadavg()[0]:.1f} at the end. Each row "
         "is `python -m grid run` in that revision's checkout, one after the other in one "
         "invocation of bench/bench_default_run.py; same config and epoch budget.",

@@ -11,7 +11,7 @@ from grid.data import SequenceDataModule, leave_one_out
 from grid.errors import GridError
 from grid.generators import GENERATORS, PipelineInputs
 from grid.generators.popularity import Popularity
-from grid.generators.tiger import TIGER
+from grid.generators.tiger import TIGER, Dropout
 from grid.sids import assign_sids
 from grid.tokenizers.rkmeans import ResidualKMeans
 
@@ -177,8 +177,6 @@ def test_short_training_beats_popularity(beauty):
 
 
 def test_dropout_keeps_one_minus_p_preserves_the_mean_and_follows_the_torch_seed():
-    from grid.generators.tiger import Dropout
-
     drop = Dropout(0.15).train()
     x = torch.ones(1000, 1000)
     torch.manual_seed(3)
