@@ -23,11 +23,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# name -> overrides of the default experiment (or of experiments/gpu.yaml under trainer=gpu)
+# name -> overrides of the default experiment (or of experiments/gpu.yaml under trainer=gpu), or
+# an experiment file and its overrides
+RPG_448 = ["generator=rpg", "tokenizer=opq", "generator.lr=1e-3", "generator.tau=0.1"]
 ROWS = {
     "TIGER (constrained beam 20)": [],
-    "RPG (exact)": ["generator=rpg", "tokenizer=opq"],
-    "RPG (graph)": ["generator=rpg", "tokenizer=opq", "generator.decoding=graph"],
+    "RPG d128 (exact)": ["experiments/rpg_cpu.yaml"],
+    "RPG d128 (graph)": ["experiments/rpg_cpu.yaml", "generator.decoding=graph"],
+    "RPG d448 (exact)": RPG_448,
+    "RPG d448 (graph)": [*RPG_448, "generator.decoding=graph"],
     "SETRec": ["generator=setrec"],
     "SimGR": ["generator=simgr"],
     "SASRec": ["generator=sasrec"],
@@ -114,8 +118,8 @@ def write(rows: list[dict], trainer: str, load: float, results: Path) -> None:
         f"1-min load average {load:.1f} at the start. `trainer={trainer}`; each row is "
         "`grid run` with the listed overrides, run one after another in this invocation. "
         "Metrics and inference users/s over all test users (the trainer's `eval_batch_size`); "
-        "train samples/s excludes validation; RPG (graph) reuses the RPG (exact) model, so its "
-        "run time excludes training."
+        "train samples/s excludes validation; each RPG (graph) row reuses the RPG (exact) model "
+        "above it, so its run time excludes training."
         + (
             " Inference figures re-measured from the cached models in one later invocation."
             if any(r.get("infer_again") for r in rows)

@@ -33,8 +33,8 @@ HIDDEN, N_EDGES = 448, 100  # configs/generator/rpg.yaml
 SYNTHETIC_CODES = (32, 256)  # OPQ 32 x 256, as the paper uses on Amazon
 
 
-def beauty_codes() -> np.ndarray:
-    """Beauty's OPQ codes under configs/tokenizer/opq.yaml (MiniLM embeddings, dedup digit)."""
+def beauty_sids():
+    """Beauty's OPQ SIDs under configs/tokenizer/opq.yaml (MiniLM embeddings, dedup digit)."""
     from grid.cache import StageCache
     from grid.data import leave_one_out, load_sequences
     from grid.pipeline import embed, tokenize
@@ -45,13 +45,13 @@ def beauty_codes() -> np.ndarray:
     cache = StageCache(os.environ.get("GRID_CACHE", ROOT / ".cache" / "grid"))
     X, key = embed(dataset, split, OmegaConf.load(ROOT / "configs/encoder/minilm.yaml"), cache)
     cfg = OmegaConf.load(ROOT / "configs" / "tokenizer" / "opq.yaml")
-    return tokenize(X, key, cfg, cache)[0].codes
+    return tokenize(X, key, cfg, cache)[0]
 
 
 def child(size: str, device: str) -> None:
     """Build one graph in this process and print its measurements as JSON."""
     if size == "beauty":
-        codes = beauty_codes()
+        codes = beauty_sids().codes
     else:
         positions, vocab = SYNTHETIC_CODES
         codes = np.random.default_rng(0).integers(0, vocab, (int(size), positions))

@@ -41,7 +41,7 @@ TRAINER_EVAL_FIELDS = (
     "progress_bar",
     "log_every_n_steps",
 )
-MODEL_STAGE_VERSION = 2  # 2: T5 TIGER; fixed selection decoding
+MODEL_STAGE_VERSION = 3  # 2: T5 TIGER; fixed selection decoding. 3: bf16 SimGR, packed-row rounding
 # What a run writes to its folder: a later run in the same folder removes these (and only these).
 RUN_FILES = (
     "config.yaml",

@@ -124,6 +124,19 @@ def test_exact_scores_equal_a_per_item_loop(sids, batch):
     assert rpg.recommend(batch, 250)[:, 200:].eq(-1).all()  # k beyond the catalogue pads
 
 
+def test_evaluation_caches_give_the_same_scores(sids, batch):
+    rpg = model(sids)
+    with torch.no_grad():
+        plain = rpg.code_log_probs(batch)
+        rpg._eval_start()  # caches the unit code embeddings and every item's input embedding
+        assert rpg._unit_codes is not None and rpg._item_inputs is not None
+        assert torch.equal(rpg.code_log_probs(batch), plain)
+        before = rpg._item_inputs.clone()
+        rpg.codebooks.mul_(2)  # new weights: the next evaluation recomputes its caches
+        rpg._eval_start()
+        assert torch.equal(rpg._item_inputs, 2 * before)
+
+
 def test_item_graph_equals_brute_force_top_k(sids):
     rpg = model(sids)
     unit = F.normalize(rpg.codebooks.detach(), dim=-1)

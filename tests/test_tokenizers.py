@@ -136,6 +136,12 @@ def test_opq_reconstruction_and_options(X, opq):
     white = OptimizedPQ(subspaces=8, opq_iters=1, pca_dim=64, whiten=True).fit(small)
     err_white = np.linalg.norm(small - white.reconstruct(white.encode(small)))
     assert err_white / np.linalg.norm(small) < 1.0
+    # whitening every component, those of (nearly) zero variance included, stays finite
+    flat = np.hstack([small[:, :56], np.zeros((len(small), 8), np.float32)])
+    full = OptimizedPQ(subspaces=8, codebook_size=16, opq_iters=1, pca_dim=64, whiten=True)
+    codes = full.fit(flat).encode(flat)
+    assert len(np.unique(codes, axis=0)) > 0.9 * len(flat)
+    assert np.isfinite(full.reconstruct(codes)).all()
     mask = np.zeros(len(small), dtype=bool)
     mask[:1000] = True
     masked = OptimizedPQ(subspaces=8, opq_iters=1).fit(small, sample_mask=mask)

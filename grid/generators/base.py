@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import lightning as L
@@ -14,6 +16,23 @@ from lightning.pytorch.trainer.states import TrainerFn
 from grid.errors import GridError
 from grid.metrics import KS, RankingTotals
 from grid.sids import SemanticIDs
+
+
+@contextmanager
+def bf16_matmuls(enabled: bool = True) -> Iterator[None]:
+    """float32 matmuls computed from bf16-rounded inputs but accumulated and returned in float32
+    (`torch.set_float32_matmul_precision("medium")`: oneDNN's bf32 on CPUs with bf16 dot
+    products, TF32 on GPUs): bf16 speed without rounding the results to bf16, which would tie
+    scores that ranking must tell apart."""
+    if not enabled:
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 @dataclass

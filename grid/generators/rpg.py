@@ -12,7 +12,7 @@ from torch import nn
 from grid.config import check_divides, check_fields
 from grid.data import last_items
 from grid.errors import GridError
-from grid.generators.base import PipelineInputs, Recommender
+from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls
 from grid.generators.tiger import Block, Layout
 from grid.sids import SemanticIDs
 
@@ -33,6 +33,7 @@ PARAM_RANGES = {
     "steps": "[1, inf)",
 }
 SCORE_CHUNK_BYTES = 2**26  # item scores held at once by exact decoding
+SCORE_USERS = 64  # users scored together by exact decoding: their code table fits a core's L2
 GRAPH_CHUNK_BYTES = 2**28  # similarities held at once while building the item graph
 GRAPH_BLOCK_ITEMS = 512  # graph rows built at once: keeps the lookup table in cache
 
@@ -170,6 +171,9 @@ class RPG(Recommender):
         start = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("start_items", start, persistent=False)
         self._graph: torch.Tensor | None = None
+        # `unit_codes()` and `item_inputs()` of the whole catalogue during an evaluation
+        self._unit_codes: torch.Tensor | None = None
+        self._item_inputs: torch.Tensor | None = None
         self._graph_seconds = 0.0
 
         with torch.random.fork_rng():
@@ -196,38 +200,53 @@ class RPG(Recommender):
         history, length = last_items(history, length.clamp(min=1), self.max_history)
         B, T = history.shape
         ar = torch.arange(T, device=history.device)
-        keep = ar < length[:, None]
         # right padding under causal attention: real positions never see the padding, so it
         # needs no mask; linear layers skip it (packed tokens)
-        index = None if bool(keep.all()) else keep.flatten().nonzero()[:, 0]
-        layout = Layout(B, T, index, causal=True)
+        layout = Layout.of(ar < length[:, None], causal=True)
         items = layout.pack(history[..., None])[:, 0]
-        recency = layout.pack((length[:, None] - 1 - ar)[..., None])[:, 0]  # 0: latest item
-        x = F.embedding_bag(self.item_index[items], self.codebooks.flatten(0, 1), mode="mean")
-        x = self.drop(x + self.pos(recency))
+        recency = layout.pack((length[:, None] - 1 - ar).clamp(min=0)[..., None])[:, 0]  # 0: latest
+        x = self.drop(self.item_inputs(items) + self.pos(recency))
         with self._autocast():
-            for block in self.blocks:
+            for block in self.blocks[:-1]:
                 x = block(x, layout)[0]
-        last = layout.pad(x.float())[torch.arange(B, device=x.device), length - 1]
-        return self.norm(last)
+            # only the state after each row's last item is read: the last block computes it alone
+            x = self.blocks[-1].last(x, layout, length.cumsum(0) - 1)
+        return self.norm(x)
 
     def _autocast(self):
         """bf16 matmuls where enabled: on CPUs with bf16 dot products they run several x faster."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def code_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits `[B, m, V]` (float32) of every code at every position: cosine / tau."""
-        h = self.user_state(batch["history"], batch["length"])
-        with self._autocast():
-            states = h[:, None] + F.silu(self.heads(h).view(len(h), self.positions, -1))
-        # cosines in float32: bf16 would round them to steps of ~0.004, i.e. logit steps of
-        # ~0.13 at tau 0.03, and tie many item scores
-        states = F.normalize(states.float(), dim=-1).transpose(0, 1)  # [m, B, d]
-        codes = F.normalize(self.codebooks, dim=-1)
-        logits = (states @ codes.transpose(1, 2)).transpose(0, 1) / self.tau
+    def item_inputs(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings `[n, d]` of `items` (all when None): the mean of their m code
+        embeddings (cached for the whole catalogue during an evaluation)."""
+        if self._item_inputs is not None:
+            return self._item_inputs if items is None else self._item_inputs[items]
+        index = self.item_index if items is None else self.item_index[items]
+        return F.embedding_bag(index, self.codebooks.flatten(0, 1), mode="mean")
+
+    def unit_codes(self) -> torch.Tensor:
+        """Code embeddings `[m, V, d]` scaled to unit length (cached during an evaluation)."""
+        return F.normalize(self.codebooks, dim=-1)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, m, V]` (float32) of every code at every position for user states `h`:
+        the cosine of each position's projected state with its code embeddings, over tau."""
+        codes = self._unit_codes if self._unit_codes is not None else self.unit_codes()
+        # bf16 inputs, float32 results: bf16 outputs would round cosines to steps of ~0.004,
+        # i.e. logit steps of ~0.13 at tau 0.03, and tie many item scores
+        with bf16_matmuls(self.bf16):
+            states = F.silu(self.heads(h)).view(len(h), self.positions, -1).add_(h[:, None])
+            scale = 1 / (states.norm(dim=-1).clamp(min=1e-12) * self.tau)  # [B, m]
+            cosines = torch.bmm(states.transpose(0, 1), codes.transpose(1, 2)).transpose(0, 1)
+        logits = cosines * scale[..., None]
         if self.unused_codes is not None:
             logits = logits.masked_fill(self.unused_codes, float("-inf"))
         return logits
+
+    def code_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits `[B, m, V]` (float32) of every code at every position: cosine / tau."""
+        return self.logits(self.user_state(batch["history"], batch["length"]))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy of the target's code at each position, averaged over positions."""
@@ -272,12 +291,22 @@ class RPG(Recommender):
     def exact_top_k(
         self, log_probs: torch.Tensor, k: int, chunk_bytes: int = SCORE_CHUNK_BYTES
     ) -> torch.Tensor:
-        """Top-k items `[B, k]` over the whole catalogue, scored a block of items at a time."""
+        """Top-k items `[B, k]` over the whole catalogue.
+
+        Scored for `SCORE_USERS` users at a time, so their `[m * V, users]` code table stays in
+        the core's cache while every item gathers its m rows, and a block of items at a time.
+        """
+        return torch.cat(
+            [self._exact_top_k(lp, k, chunk_bytes) for lp in log_probs.split(SCORE_USERS)]
+        )
+
+    def _exact_top_k(self, log_probs: torch.Tensor, k: int, chunk_bytes: int) -> torch.Tensor:
         table = log_probs.T.contiguous()  # [m * V, B]: one row per code
         block = max(1, chunk_bytes // (4 * table.shape[1]))
         best = None
         for start in range(0, self.num_items, block):
-            scores = sum_rows(self.item_index[start : start + block], table).T  # [B, b]
+            # [B, b], contiguous: top-k along rows runs several x faster than on a transpose
+            scores = sum_rows(self.item_index[start : start + block], table).T.contiguous()
             top = scores.topk(min(k, scores.shape[1]), dim=1)
             cand = (top.values, top.indices + start)
             if best is not None:
@@ -351,11 +380,15 @@ class RPG(Recommender):
 
     def _eval_start(self) -> None:
         super()._eval_start()
+        self._unit_codes = self._item_inputs = None  # computed afresh from the weights
+        with torch.no_grad():
+            self._unit_codes, self._item_inputs = self.unit_codes(), self.item_inputs()
         if self._graph_decoding:
             self._graph = None
             self.build_graph()  # once per evaluation, timed apart from per-user inference
 
     def _eval_end(self, stage: str) -> None:
         super()._eval_end(stage)
+        self._unit_codes = self._item_inputs = None
         if stage == "test" and self._graph_decoding:
             self.log("infer/graph_build_seconds", self._graph_seconds)

@@ -10,7 +10,7 @@ from torch import nn
 from grid.config import check_divides, check_fields
 from grid.data import last_items
 from grid.errors import GridError
-from grid.generators.base import PipelineInputs, Recommender
+from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls
 from grid.generators.sasrec import Block, SASRec
 from grid.metrics import KS, RankingTotals
 
@@ -141,7 +141,7 @@ class SETRec(Recommender):
         self.ln_f = nn.LayerNorm(hidden)
         nn.init.normal_(self.pos_emb.weight, std=0.02)  # small beside the tokens, as in SASRec
         self.blocks.apply(SASRec._init)
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # see `_tables`
+        self._cache: torch.Tensor | None = None  # `item_tokens()` during an evaluation
         self._beta_totals: list[RankingTotals] = []
 
     def _autocast(self):
@@ -174,9 +174,10 @@ class SETRec(Recommender):
         eye = torch.eye(len(structure), dtype=torch.bool, device=x.device)
         # padded keys are hidden; padded positions still see themselves (no empty softmax row)
         mask = structure & (real[:, None, :] | eye)
-        for i, block in enumerate(self.blocks):
-            # only the queries' outputs are read: the last block computes those alone
-            x = block(x, mask[:, None], last=n if i == len(self.blocks) - 1 else None)
+        with self._autocast():
+            for i, block in enumerate(self.blocks):
+                # only the queries' outputs are read: the last block computes those alone
+                x = block(x, mask[:, None], last=n if i == len(self.blocks) - 1 else None)
         return self.ln_f(x[:, -n:])
 
     def query_outputs(self, batch: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
@@ -193,8 +194,7 @@ class SETRec(Recommender):
         with self._autocast():  # every item's tokens: each dimension's softmax is over all items
             latent = self.encoder(self.text)
             tokens = self.item_tokens(latent)
-        # the transformer runs in fp32: at these widths bf16 gains nothing on CPU
-        out = self.query_outputs(batch, tokens.float())
+        out = self.query_outputs(batch, tokens.float())  # a float32 residual stream
         with self._autocast():
             logits = torch.bmm(out.transpose(0, 1), tokens.permute(1, 2, 0))  # [N + 1, B, I]
         ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].repeat(self.dims))
@@ -217,31 +217,27 @@ class SETRec(Recommender):
 
     # --- inference -----------------------------------------------------------------------------
 
-    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Item tokens `[num_items, N + 1, hidden]` (history inputs) and the scoring table
-        `[num_items, (N + 1) x hidden]` (bf16 where enabled); cached for an evaluation."""
-        if self._cache is not None:
-            return self._cache
-        tokens = self.item_tokens()
-        return tokens, tokens.flatten(1).to(torch.bfloat16 if self.bf16 else tokens.dtype)
+    def _tokens(self) -> torch.Tensor:
+        """Every item's tokens `[num_items, N + 1, hidden]`, cached for an evaluation."""
+        return self.item_tokens() if self._cache is None else self._cache
 
     @torch.no_grad()
     def dimension_scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """CF scores and summed semantic scores `[B, num_items]` of every item."""
-        tokens, table = self._tables()
-        out = self.query_outputs(batch, tokens).to(table.dtype)
-        d = tokens.shape[2]
-        cf, semantic = out[:, 0] @ table[:, :d].T, out[:, 1:].flatten(1) @ table[:, d:].T
-        return cf.float(), semantic.float()
+        tokens = self._tokens()
+        out, table, d = self.query_outputs(batch, tokens), tokens.flatten(1), tokens.shape[2]
+        with bf16_matmuls(self.bf16):
+            return out[:, 0] @ table[:, :d].T, out[:, 1:].flatten(1) @ table[:, d:].T
 
     @torch.no_grad()
     def scores(self, batch: dict[str, torch.Tensor], beta: float) -> torch.Tensor:
         """(1 - beta) x CF score + beta x summed semantic scores `[B, num_items]`: one matmul."""
-        tokens, table = self._tables()
+        tokens = self._tokens()
         out = self.query_outputs(batch, tokens)
         weight = out.new_full((self.dims, 1), beta)
         weight[0] = 1.0 - beta
-        return ((out * weight).flatten(1).to(table.dtype) @ table.T).float()
+        with bf16_matmuls(self.bf16):  # float32 scores: bf16 ones would tie near-equal items
+            return (out * weight).flatten(1) @ tokens.flatten(1).T
 
     def _top(self, scores: torch.Tensor, k: int) -> torch.Tensor:
         top = scores.topk(min(k, self.num_items), dim=1).indices
@@ -265,7 +261,7 @@ class SETRec(Recommender):
         super()._eval_start()
         self._cache = None
         with torch.no_grad():
-            self._cache = self._tables()
+            self._cache = self.item_tokens()
         self._beta_totals = [RankingTotals(self.num_items, self.ks, self.device) for _ in BETAS]
 
     def validation_step(self, batch, batch_idx) -> None:

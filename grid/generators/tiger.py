@@ -91,6 +91,17 @@ def cached_attention(q, static=None, dynamic=None, bias=None, scale=None):
     return out.view(B, W, h, t, dk).transpose(2, 3).reshape(B, W, t, h * dk)
 
 
+def packed_rows(n: int) -> int:
+    """`n` rounded up to a multiple of an eighth of its power of two (at least 16).
+
+    oneDNN builds a matmul kernel for every new row count (about 4 ms each on AMX CPUs, more
+    than the matmul itself at our shapes); rounded counts recur from batch to batch and reuse
+    the kernels it has built, for at most 1/8 more rows.
+    """
+    step = max(16, 1 << max(n.bit_length() - 4, 0))
+    return -(-n // step) * step
+
+
 @dataclass
 class Layout:
     """Where packed tokens `[N, d]` sit in a padded `[B, T]` grid, and which keys they see.
@@ -100,17 +111,29 @@ class Layout:
 
     B: int
     T: int
-    index: torch.Tensor | None = None  # flat grid positions of the packed tokens; None: no padding
+    # flat grid positions of the packed rows: the real tokens in grid order, then padding
+    # positions that round the row count up (`packed_rows`); None: no padding
+    index: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # bool `[B, 1, T or 1, T]`: keys each query may see
     causal: bool = False
+    keep: torch.Tensor | None = None  # bool `[B, T]`: the real tokens; None: all
 
     @classmethod
     def of(cls, keep: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False):
+        """The layout of real tokens `keep` `[B, T]`. Without a `mask`, bidirectional layouts
+        hide the padded keys; causal ones must be right-padded, so that no real query sees the
+        padding and none is needed."""
         B, T = keep.shape
         if bool(keep.all()):
             return cls(B, T, None, mask, causal)
-        index = keep.flatten().nonzero()[:, 0]
-        return cls(B, T, index, keep[:, None, None, :] if mask is None else mask, causal)
+        flat = keep.flatten()
+        index = flat.nonzero()[:, 0]
+        extra = min(packed_rows(len(index)), B * T) - len(index)
+        if extra:
+            index = torch.cat([index, (~flat).nonzero()[:extra, 0]])
+        if mask is None and not causal:
+            mask = keep[:, None, None, :]
+        return cls(B, T, index, mask, causal, keep)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         if self.index is None:
@@ -281,6 +304,17 @@ class Attention(nn.Module):
             y = attend(q, k, v, layout.mask, layout.causal, self.scale, bias)
         return self.out(layout.pack(y.transpose(1, 2))), k, v
 
+    def last(self, x: torch.Tensor, layout: Layout, rows: torch.Tensor) -> torch.Tensor:
+        """Self-attention output `[B, d]` of the last real token of each row of a causal,
+        right-padded layout (packed positions `rows`); the other tokens serve as keys only."""
+        B, h, dk = layout.B, self.heads, self.head_dim
+        w = self.qkv.weight  # rows: q, then k and v
+        q = F.linear(x[rows], w[: h * dk]).view(B, h, 1, dk)
+        k, v = self._heads(layout.pad(F.linear(x, w[h * dk :])), 2)
+        # the row's last token sees every real token of its row, never the padding
+        keep = None if layout.keep is None else layout.keep[:, None, None, :]
+        return self.out(attend(q, k, v, mask=keep, scale=self.scale).reshape(B, h * dk))
+
     def step(self, x, static=None, cache=None, bias=None):
         """Cached attention for beams x `[B, W, t, d]`; returns output and the grown cache."""
         B, W, t, _ = x.shape
@@ -326,6 +360,13 @@ class Block(nn.Module):
             a = self.cross(self.norm_x(x), layout, memory_kv=memory_kv, memory_mask=memory_mask)[0]
             x = x + self.drop(a)
         return x + self.drop(self.mlp(self.norm2(x))), k, v
+
+    def last(self, x: torch.Tensor, layout: Layout, rows: torch.Tensor) -> torch.Tensor:
+        """The block's output `[B, d]` at the last real token of each row of a causal layout
+        (packed positions `rows`), computed for those tokens alone: what a model reading only
+        the final state needs from its last block."""
+        x = x[rows] + self.drop(self.attn.last(self.norm1(x), layout, rows))
+        return x + self.drop(self.mlp(self.norm2(x)))
 
     def step(self, x, self_static=None, cache=None, cross_static=None, bias=None):
         a, cache = self.attn.step(self.norm1(x), static=self_static, cache=cache, bias=bias)

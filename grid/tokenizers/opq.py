@@ -11,6 +11,8 @@ from scipy.stats import ortho_group
 from grid.errors import GridError
 from grid.tokenizers.base import Tokenizer, check_embeddings, single_threaded
 
+WHITEN_EPSILON = 1e-4  # added to each PCA eigenvalue before whitening, x the mean variance
+
 
 class OptimizedPQ(Tokenizer):
     """A learned rotation, then `subspaces` sub-codebooks of `codebook_size` codes (RPG's tokens).
@@ -112,6 +114,10 @@ class OptimizedPQ(Tokenizer):
                 vt.train(sample)
                 vt.pq = None  # faiss does not own it
             else:
+                if isinstance(vt, faiss.PCAMatrix) and vt.eigen_power != 0:
+                    # whitening divides by each component's deviation: a small floor keeps
+                    # directions of (numerically) zero variance finite
+                    vt.epsilon = WHITEN_EPSILON * float(x.var(axis=0).mean())
                 vt.train(x)
             if i < last:
                 x = vt.apply(x)
