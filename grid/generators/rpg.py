@@ -34,6 +34,7 @@ PARAM_RANGES = {
 }
 SCORE_CHUNK_BYTES = 2**26  # item scores held at once by exact decoding
 SCORE_USERS = 64  # users scored together by exact decoding: their code table fits a core's L2
+ITEM_INPUTS_CACHE_BYTES = 2**28  # evaluation caches every item's input embedding up to this size
 GRAPH_CHUNK_BYTES = 2**28  # similarities held at once while building the item graph
 GRAPH_BLOCK_ITEMS = 512  # graph rows built at once: keeps the lookup table in cache
 
@@ -171,7 +172,8 @@ class RPG(Recommender):
         start = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("start_items", start, persistent=False)
         self._graph: torch.Tensor | None = None
-        # `unit_codes()` and `item_inputs()` of the whole catalogue during an evaluation
+        # `unit_codes()` and (within ITEM_INPUTS_CACHE_BYTES) `item_inputs()` of the whole
+        # catalogue during an evaluation
         self._unit_codes: torch.Tensor | None = None
         self._item_inputs: torch.Tensor | None = None
         self._graph_seconds = 0.0
@@ -219,7 +221,7 @@ class RPG(Recommender):
 
     def item_inputs(self, items: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings `[n, d]` of `items` (all when None): the mean of their m code
-        embeddings (cached for the whole catalogue during an evaluation)."""
+        embeddings (cached for the whole catalogue during an evaluation, when small enough)."""
         if self._item_inputs is not None:
             return self._item_inputs if items is None else self._item_inputs[items]
         index = self.item_index if items is None else self.item_index[items]
@@ -382,7 +384,9 @@ class RPG(Recommender):
         super()._eval_start()
         self._unit_codes = self._item_inputs = None  # computed afresh from the weights
         with torch.no_grad():
-            self._unit_codes, self._item_inputs = self.unit_codes(), self.item_inputs()
+            self._unit_codes = self.unit_codes()
+            if self.num_items * self.codebooks.shape[-1] * 4 <= ITEM_INPUTS_CACHE_BYTES:
+                self._item_inputs = self.item_inputs()
         if self._graph_decoding:
             self._graph = None
             self.build_graph()  # once per evaluation, timed apart from per-user inference
