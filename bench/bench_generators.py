@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_tiger import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> overrides of the default experiment (or of experiments/gpu.yaml under trainer=gpu), or
@@ -114,7 +114,7 @@ def write(rows: list[dict], trainer: str, load: float, results: Path) -> None:
     lines = [
         f"# Generators on full Beauty (`bench/bench_generators.py --trainer {trainer}`)",
         "",
-        f"{platform.machine()}, {os.cpu_count()} cores, {device}, torch {torch.__version__}; "
+        f"{cpu_name()}, {os.cpu_count()} cores, {device}, torch {torch.__version__}; "
         f"1-min load average {load:.1f} at the start. `trainer={trainer}`; each row is "
         "`grid run` with the listed overrides, run one after another in this invocation. "
         "Metrics and inference users/s over all test users (the trainer's `eval_batch_size`); "

@@ -12,11 +12,11 @@ import argparse
 import json
 import math
 import os
-import platform
 from pathlib import Path
 
 import lightning as L
 import torch
+from bench_tiger import cpu_name
 from omegaconf import OmegaConf
 
 from grid.cache import StageCache
@@ -60,7 +60,7 @@ def main() -> None:
     lines = [
         "# Inference over all Beauty test users (`bench/bench_inference.py`)",
         "",
-        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; 1-min load average {load:.1f} at the start. "
         "Trained runs re-evaluated one after another in one process (test metrics checked "
         "equal to the runs'); eval batch = each run's `trainer.eval_batch_size`.",

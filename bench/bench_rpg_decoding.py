@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_tiger import cpu_name
 from omegaconf import OmegaConf
 
 from grid.data import leave_one_out, load_sequences, pad
@@ -98,7 +98,7 @@ def main() -> None:
     lines = [
         "# RPG decoding speed against catalogue size (`bench/bench_rpg_decoding.py`)",
         "",
-        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; 1-min load average {load:.1f} at the start. "
         f"configs/generator/rpg.yaml (hidden {params['hidden']}, beam {params['beam_width']}, "
         f"{params['n_edges']} edges, {params['steps']} steps) with random weights, "

@@ -7,7 +7,7 @@ import torch
 
 import grid.generators.tiger as tiger_module
 from grid.generators.base import bf16_matmuls
-from grid.generators.tiger import Block, Layout, packed_rows
+from grid.generators.tiger import Block, Layout, attend, packed_rows
 
 LENGTHS = [1, 5, 20, 7, 3, 20, 11, 2, 9, 14, 6, 1, 14]  # 113 tokens: padded, rounded to 128
 
@@ -70,6 +70,20 @@ def test_rounded_rows_leave_real_outputs_unchanged(monkeypatch):
     rounded = run()
     monkeypatch.setattr(tiger_module, "packed_rows", lambda n: n)
     torch.testing.assert_close(run(), rounded)
+
+
+def test_bf16_inference_attention_agrees_with_the_plain_product(monkeypatch):
+    keys = 60  # at least FLASH_MIN_KEYS: without gradients, the fused kernel runs
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 2, keys, 32, generator=g).bfloat16() for _ in range(3))
+    keep = torch.arange(keys) < torch.tensor([keys, keys // 2] * 4)[:, None]
+    masks = [dict(causal=True), dict(mask=keep[:, None, None, :])]
+    with torch.no_grad():
+        fused = [attend(q, k, v, **m).float() for m in masks]
+        monkeypatch.setattr(tiger_module, "FLASH_MIN_KEYS", 10**9)  # the plain product only
+        plain = [attend(q, k, v, **m).float() for m in masks]
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)  # bf16 rounding apart
 
 
 def test_bf16_matmuls_return_float32_results_without_bf16_rounding():

@@ -42,6 +42,7 @@ PARAM_RANGES = {
     "mlp_layers": "[1, inf)",
 }
 T5_BUCKETS, T5_MAX_DISTANCE = 32, 128  # HF T5Config defaults, which GRID keeps
+FLASH_MIN_KEYS = 40  # bf16 CPU inference: fused attention from this many keys on (see `attend`)
 
 
 def cached_attention(q, static=None, dynamic=None, bias=None, scale=None):
@@ -150,7 +151,10 @@ def attend(q, k, v, mask=None, causal=False, scale=None, bias=None):
     """Attention `[B, h, Tq, dk]`; mask is bool (True: may attend), bias an additive
     `[1, h, Tq, Tk]` (T5 relative positions) broadcast over the batch."""
     Tq, Tk = q.shape[-2], k.shape[-2]
-    if q.dtype != torch.bfloat16 or q.device.type != "cpu":
+    # CPU flash attention is slow in bf16 at our short lengths, above all its backward; without
+    # gradients it overtakes the plain product from about 40 keys on (bias kept in fp32 below)
+    flash = not torch.is_grad_enabled() and bias is None and Tk >= FLASH_MIN_KEYS
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or flash:
         if bias is not None:  # SDPA takes one mask: the bias, -inf where attention is barred
             if causal:
                 future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(1)
@@ -160,7 +164,6 @@ def attend(q, k, v, mask=None, causal=False, scale=None, bias=None):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=scale
         )
-    # CPU flash attention is slow in bf16 (backward above all) at these short lengths
     s = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-1, -2)
     if bias is not None:
         s = s.float() + bias
