@@ -69,6 +69,34 @@ def test_outputs_ignore_token_order_inside_items():
         assert not torch.allclose(model.generate(swapped, length)[0], out[0], atol=1e-8)
 
 
+def test_gradients_repeat_bit_for_bit_on_two_threads():
+    """Items repeated across histories add their gradients in a fixed order, so a training step
+    (and a resumed run) gives the same weights every time, whatever the threads do."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = random_setrec(items=2000, text_dim=32, cf_dim=8, hidden=64, ae_hidden=[64])
+        model.eval()  # no dropout: the same forward twice
+        g = torch.Generator().manual_seed(0)
+        batch = {
+            "history": torch.randint(0, 2000, (256, 20), generator=g),
+            "length": torch.randint(1, 21, (256,), generator=g),
+            "target": torch.randint(0, 2000, (256,), generator=g),
+        }
+
+        def grads() -> list[torch.Tensor]:
+            model.zero_grad()
+            sum(model.loss(batch)).backward()
+            return [p.grad.clone() for p in model.parameters()]
+
+        first = grads()
+        for _ in range(3):  # thread interleavings differ from one pass to the next
+            assert all(torch.equal(a, b) for a, b in zip(first, grads(), strict=True))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_padded_batch_equals_each_history_alone():
     torch.manual_seed(0)
     model = random_setrec(max_history=4, dropout=0.0).double().eval()

@@ -184,7 +184,11 @@ class SETRec(Recommender):
         """Query outputs `[B, N + 1, hidden]` for a batch's histories, given all item tokens."""
         length = batch["length"].clamp(min=1)
         history, length = last_items(batch["history"], length, self.max_history)
-        return self.generate(tokens[history.clamp(min=0)], length)
+        # index_select: its backward adds the gradients of repeated items in a fixed order
+        items = tokens.index_select(0, history.clamp(min=0).flatten()).view(
+            *history.shape, *tokens.shape[1:]
+        )
+        return self.generate(items, length)
 
     # --- training ------------------------------------------------------------------------------
 
