@@ -16,7 +16,7 @@ from grid.data import SequenceDataModule, leave_one_out, pad
 from grid.errors import GridError
 from grid.generators import GENERATORS, PipelineInputs
 from grid.generators.popularity import Popularity
-from grid.generators.rpg import RPG, item_graph
+from grid.generators.rpg import RPG, item_graph, top_k_rows
 from grid.sids import assign_sids
 from grid.tokenizers.opq import OptimizedPQ
 from tests.conftest import QUIET
@@ -102,13 +102,20 @@ def test_training_step_reaches_every_parameter(sids, batch):
     torch.testing.assert_close(rpg.loss(batch), sum(per_position) / sids.length)
 
 
+def ranking_scores(rpg: RPG, batch: dict) -> torch.Tensor:
+    """Every item's mean code logit `[B, N]`: what decoding ranks by."""
+    with torch.no_grad():
+        return rpg.item_scores(rpg.code_table(rpg.user_state(batch["history"], batch["length"])))
+
+
 def test_exact_scores_equal_a_per_item_loop(sids, batch):
     rpg = model(sids)
     with torch.no_grad():
-        log_probs = rpg.code_log_probs(batch)  # [B, m * V]
+        log_probs = rpg.code_log_probs(batch)  # [m * V, B]
         scores = rpg.item_scores(log_probs)
     V = max(sids.vocab_sizes)
-    lp = log_probs.view(48, sids.length, V)
+    lp = log_probs.T.reshape(48, sids.length, V)
+    torch.testing.assert_close(lp, rpg.code_logits(batch).log_softmax(-1))
     # log-probabilities over each position's own vocabulary (the dedup position has 11 codes)
     torch.testing.assert_close(lp[:, -1, :11].exp().sum(-1), torch.ones(48))
     assert (lp[:, -1, 11:] == float("-inf")).all()
@@ -117,11 +124,31 @@ def test_exact_scores_equal_a_per_item_loop(sids, batch):
             codes = sids.codes[item]
             expect = sum(float(lp[user, p, codes[p]]) for p in range(sids.length)) / sids.length
             assert scores[user, item].item() == pytest.approx(expect, abs=1e-5)
+    # decoding ranks by mean logits: the mean log-probabilities shifted by one constant per user
+    ranking = ranking_scores(rpg, batch)
+    shift = ranking - scores
+    torch.testing.assert_close(shift, shift[:, :1].expand_as(shift))
     top = rpg.recommend(batch, 20)
-    assert torch.equal(top, scores.topk(20, dim=1).indices)
-    blocks_of_7 = rpg.exact_top_k(log_probs, 20, chunk_bytes=4 * 48 * 7)  # merged top-k
+    assert torch.equal(top, ranking.topk(20, dim=1).indices)
+    torch.testing.assert_close(scores.gather(1, top), scores.topk(20, dim=1).values)
+    with torch.no_grad():
+        table = rpg.code_table(rpg.user_state(batch["history"], batch["length"]))
+    blocks_of_7 = rpg.exact_top_k(table, 20, chunk_bytes=4 * 48 * 7)  # merged top-k
     assert torch.equal(blocks_of_7, top)
     assert rpg.recommend(batch, 250)[:, 200:].eq(-1).all()  # k beyond the catalogue pads
+
+
+@pytest.mark.parametrize("n", [3000, 3008, 40])  # a partial last block, whole blocks, one block
+def test_top_k_rows_equals_a_full_top_k(n):
+    scores = torch.randn(n, 24, generator=torch.Generator().manual_seed(n))
+    scores[:, 0] = scores[:, 0].round()  # column 0: many ties
+    scores[-1, 1] = 100  # the partial last block holds column 1's best
+    values, rows = top_k_rows(scores, 20)
+    expect = scores.T.topk(20, dim=1)
+    assert torch.equal(values, expect.values)
+    assert torch.equal(scores.T.gather(1, rows), values)
+    assert torch.equal(rows[1:], expect.indices[1:])  # columns without ties: the same rows
+    assert all(len(set(r.tolist())) == 20 for r in rows)
 
 
 def test_evaluation_caches_give_the_same_scores(sids, batch):
@@ -175,10 +202,10 @@ def test_small_graph_returns_valid_ranked_items_independent_of_batching(sids, ba
     assert (top < 200).all() and (found.sum(1) >= 4).all() and (found.sum(1) < 20).any()
     assert (found[:, :-1] >= found[:, 1:]).all()
     assert all(len(set(row[row >= 0].tolist())) == int((row >= 0).sum()) for row in top)
-    scores = rpg.item_scores(rpg.code_log_probs(batch))
+    scores = ranking_scores(rpg, batch)
     ranked = scores.gather(1, top.clamp(min=0)).masked_fill(~found, float("-inf"))
     assert (ranked[:, :-1] >= ranked[:, 1:]).all()  # best first, by the exact item score
-    exact = rpg.item_scores(rpg.code_log_probs(batch)).topk(20, dim=1).indices
+    exact = scores.topk(20, dim=1).indices
     assert not torch.equal(top, exact)  # a small graph really prunes
     half = {k: v[24:] for k, v in batch.items()}
     assert torch.equal(rpg.recommend(half, 20), top[24:])  # same users, other batch: same result

@@ -37,6 +37,7 @@ SCORE_USERS = 64  # users scored together by exact decoding: their code table fi
 ITEM_INPUTS_CACHE_BYTES = 2**28  # evaluation caches every item's input embedding up to this size
 GRAPH_CHUNK_BYTES = 2**28  # similarities held at once while building the item graph
 GRAPH_BLOCK_ITEMS = 512  # graph rows built at once: keeps the lookup table in cache
+TOP_K_BLOCK = 64  # rows summarised by their maximum in exact decoding's top-k
 
 
 def sum_rows(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -46,6 +47,27 @@ def sum_rows(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     every caller gets bit-identical sums.
     """
     return F.embedding_bag(index, table, mode="sum")
+
+
+def top_k_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and rows `[B, k]` of each column's k largest scores in `scores [n, B]`, best first.
+
+    The values of `scores.T.topk(k)` without transposing the scores: only the k blocks of
+    `TOP_K_BLOCK` rows with the largest maxima can hold a column's top k (ties in any order).
+    """
+    n, B = scores.shape
+    k, c = min(k, n), TOP_K_BLOCK
+    blocks = n // c
+    if blocks <= k:
+        top = scores.T.topk(k, dim=1)
+        return top.values, top.indices
+    best = scores[: blocks * c].view(blocks, c, B).amax(1).T.topk(k, dim=1).indices
+    rows = (best[..., None] * c + torch.arange(c, device=scores.device)).flatten(1)
+    if blocks * c < n:  # the last, partial block is always a candidate
+        tail = torch.arange(blocks * c, n, device=scores.device).expand(B, -1)
+        rows = torch.cat([rows, tail], dim=1)
+    top = scores.T.gather(1, rows).topk(k, dim=1)
+    return top.values, rows.gather(1, top.indices)
 
 
 def graph_block(num_items: int, chunk_bytes: int = GRAPH_CHUNK_BYTES) -> int:
@@ -231,6 +253,14 @@ class RPG(Recommender):
         """Code embeddings `[m, V, d]` scaled to unit length (cached during an evaluation)."""
         return F.normalize(self.codebooks, dim=-1)
 
+    def unit_states(self, h: torch.Tensor) -> torch.Tensor:
+        """Each position's projected state `[m, B, d]` (float32) for user states `h`, scaled to
+        length 1 / tau: its dot products with the unit code embeddings are the logits."""
+        with bf16_matmuls(self.bf16):
+            states = F.silu(self.heads(h)).view(len(h), self.positions, -1).add_(h[:, None])
+        scale = states.norm(dim=-1, keepdim=True).clamp(min=1e-12) * self.tau
+        return (states / scale).transpose(0, 1)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits `[B, m, V]` (float32) of every code at every position for user states `h`:
         the cosine of each position's projected state with its code embeddings, over tau."""
@@ -238,13 +268,19 @@ class RPG(Recommender):
         # bf16 inputs, float32 results: bf16 outputs would round cosines to steps of ~0.004,
         # i.e. logit steps of ~0.13 at tau 0.03, and tie many item scores
         with bf16_matmuls(self.bf16):
-            states = F.silu(self.heads(h)).view(len(h), self.positions, -1).add_(h[:, None])
-            scale = 1 / (states.norm(dim=-1).clamp(min=1e-12) * self.tau)  # [B, m]
-            cosines = torch.bmm(states.transpose(0, 1), codes.transpose(1, 2)).transpose(0, 1)
-        logits = cosines * scale[..., None]
+            logits = torch.bmm(self.unit_states(h), codes.transpose(1, 2)).transpose(0, 1)
         if self.unused_codes is not None:
             logits = logits.masked_fill(self.unused_codes, float("-inf"))
         return logits
+
+    def code_table(self, h: torch.Tensor) -> torch.Tensor:
+        """The logits of `logits(h)` laid out `[m * V, B]` for `sum_rows`: one row per code
+        (`p * V + code`). Ranking needs no log-softmax: an item's summed code log-probabilities
+        are its summed logits minus the user's sum of per-position logsumexps, the same for
+        every item (and unused codes are in no item)."""
+        codes = self._unit_codes if self._unit_codes is not None else self.unit_codes()
+        with bf16_matmuls(self.bf16):
+            return torch.bmm(codes, self.unit_states(h).transpose(1, 2)).flatten(0, 1)
 
     def code_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits `[B, m, V]` (float32) of every code at every position: cosine / tau."""
@@ -280,37 +316,25 @@ class RPG(Recommender):
     # --- scoring and decoding ----------------------------------------------------------------
 
     def code_log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Flat per-position code log-probabilities `[B, m * V]` (row `p * V + code`)."""
-        return self.code_logits(batch).log_softmax(-1).flatten(1)
+        """Code log-probabilities `[m * V, B]` of the batch's users, rows as in `code_table`."""
+        return self.code_logits(batch).log_softmax(-1).flatten(1).T
 
-    def item_scores(
-        self, log_probs: torch.Tensor, items: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Mean code log-probability `[B, n]` of `items` (all items when None) for every user."""
+    def item_scores(self, table: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over positions `[B, n]` of the `table` rows (`code_table` or `code_log_probs`)
+        of `items`' codes (all items when None)."""
         index = self.item_index if items is None else self.item_index[items]
-        return sum_rows(index, log_probs.T.contiguous()).T / self.positions
+        return sum_rows(index, table).T / self.positions
 
     def exact_top_k(
-        self, log_probs: torch.Tensor, k: int, chunk_bytes: int = SCORE_CHUNK_BYTES
+        self, table: torch.Tensor, k: int, chunk_bytes: int = SCORE_CHUNK_BYTES
     ) -> torch.Tensor:
-        """Top-k items `[B, k]` over the whole catalogue.
-
-        Scored for `SCORE_USERS` users at a time, so their `[m * V, users]` code table stays in
-        the core's cache while every item gathers its m rows, and a block of items at a time.
-        """
-        return torch.cat(
-            [self._exact_top_k(lp, k, chunk_bytes) for lp in log_probs.split(SCORE_USERS)]
-        )
-
-    def _exact_top_k(self, log_probs: torch.Tensor, k: int, chunk_bytes: int) -> torch.Tensor:
-        table = log_probs.T.contiguous()  # [m * V, B]: one row per code
+        """Top-k items `[B, k]` over the whole catalogue for the users of a `code_table`,
+        scoring a block of items at a time (their `[block, B]` scores within `chunk_bytes`)."""
         block = max(1, chunk_bytes // (4 * table.shape[1]))
         best = None
         for start in range(0, self.num_items, block):
-            # [B, b], contiguous: top-k along rows runs several x faster than on a transpose
-            scores = sum_rows(self.item_index[start : start + block], table).T.contiguous()
-            top = scores.topk(min(k, scores.shape[1]), dim=1)
-            cand = (top.values, top.indices + start)
+            values, items = top_k_rows(sum_rows(self.item_index[start : start + block], table), k)
+            cand = (values, items + start)
             if best is not None:
                 values = torch.cat([best[0], cand[0]], dim=1)
                 pick = values.topk(min(k, values.shape[1]), dim=1).indices
@@ -326,17 +350,17 @@ class RPG(Recommender):
             self._graph_seconds = time.perf_counter() - start
         return self._graph
 
-    def _candidate_scores(self, log_probs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Summed code log-probabilities `[B, C]` of per-user items `[B, C]`, added in the same
-        order as `sum_rows` adds them, so graph and exact decoding agree bit for bit."""
-        flat = items.flatten()
+    def _candidate_scores(self, table: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Summed `table` rows `[B, C]` of per-user items `[B, C]`, added in the same order as
+        `sum_rows` adds them, so graph and exact decoding agree bit for bit."""
+        flat, by_user = items.flatten(), table.T  # [B, m * V] view
         total = None
         for rows in self.rows_by_position:  # [N] rows of each item's code at one position
-            scores = log_probs.gather(1, rows.gather(0, flat).view_as(items))
+            scores = by_user.gather(1, rows.gather(0, flat).view_as(items))
             total = scores if total is None else total.add_(scores)
         return total
 
-    def _best(self, log_probs: torch.Tensor, cand: torch.Tensor, n: int) -> torch.Tensor:
+    def _best(self, table: torch.Tensor, cand: torch.Tensor, n: int) -> torch.Tensor:
         """The n best distinct items `[B, n]` of candidates `[B, C]` (-1 where fewer)."""
         cand, _ = cand.sort(dim=1)
         first = torch.ones_like(cand, dtype=torch.bool)
@@ -344,13 +368,13 @@ class RPG(Recommender):
         slot = first.cumsum(1) - 1  # each candidate's rank among its row's distinct items
         width = int(slot[:, -1].max()) + 1  # neighbourhoods overlap: score each item once
         items = cand.new_full((len(cand), width), -1).scatter_(1, slot, cand)
-        scores = self._candidate_scores(log_probs, items.clamp(min=0))
+        scores = self._candidate_scores(table, items.clamp(min=0))
         scores = scores.masked_fill(items < 0, float("-inf"))
         top = scores.topk(min(n, width), dim=1)
         best = items.gather(1, top.indices).masked_fill(top.values == float("-inf"), -1)
         return F.pad(best, (0, n - width), value=-1) if width < n else best
 
-    def graph_top_k(self, log_probs: torch.Tensor, user: torch.Tensor, k: int) -> torch.Tensor:
+    def graph_top_k(self, table: torch.Tensor, user: torch.Tensor, k: int) -> torch.Tensor:
         """Graph-constrained decoding: a seeded beam, moved `steps` times to its best neighbours.
 
         Each user's first beam is its own slice of a permutation drawn under `seed`, so results
@@ -361,9 +385,9 @@ class RPG(Recommender):
         W, N = self.beam_width, self.num_items
         cand = self.start_items[(user[:, None] * W + torch.arange(W, device=user.device)) % N]
         for _ in range(self.steps):
-            beam = self._best(log_probs, cand, W)
+            beam = self._best(table, cand, W)
             cand = torch.cat([beam, graph[beam].flatten(1).long()], dim=1)
-        return self._best(log_probs, cand, k)
+        return self._best(table, cand, k)
 
     def selection_decoding(self) -> dict:
         """Model selection always scores every item exactly."""
@@ -375,10 +399,11 @@ class RPG(Recommender):
 
     @torch.no_grad()
     def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
-        log_probs = self.code_log_probs(batch)
+        h = self.user_state(batch["history"], batch["length"])
         if self._graph_decoding:
-            return self.graph_top_k(log_probs, batch["user"], k)
-        return self.exact_top_k(log_probs, k)
+            return self.graph_top_k(self.code_table(h), batch["user"], k)
+        # SCORE_USERS at a time: their code table stays in a core's cache while items gather
+        return torch.cat([self.exact_top_k(self.code_table(u), k) for u in h.split(SCORE_USERS)])
 
     def _eval_start(self) -> None:
         super()._eval_start()
