@@ -41,7 +41,9 @@ TRAINER_EVAL_FIELDS = (
     "progress_bar",
     "log_every_n_steps",
 )
-MODEL_STAGE_VERSION = 3  # 2: T5 TIGER; fixed selection decoding. 3: bf16 SimGR, packed-row rounding
+# 2: T5 TIGER; fixed selection decoding. 3: bf16 SimGR, packed-row rounding. 4: RPG states
+# scaled before the code matmul
+MODEL_STAGE_VERSION = 4
 # What a run writes to its folder: a later run in the same folder removes these (and only these).
 RUN_FILES = (
     "config.yaml",
