@@ -13,7 +13,7 @@ from grid.config import check_divides, check_fields
 from grid.data import last_items
 from grid.errors import GridError
 from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls
-from grid.generators.tiger import Block, Layout
+from grid.generators.tiger import Block, Layout, last_states
 from grid.sids import SemanticIDs
 
 DECODINGS = ("exact", "graph")
@@ -231,10 +231,8 @@ class RPG(Recommender):
         recency = layout.pack((length[:, None] - 1 - ar).clamp(min=0)[..., None])[:, 0]  # 0: latest
         x = self.drop(self.item_inputs(items) + self.pos(recency))
         with self._autocast():
-            for block in self.blocks[:-1]:
-                x = block(x, layout)[0]
-            # only the state after each row's last item is read: the last block computes it alone
-            x = self.blocks[-1].last(x, layout, length.cumsum(0) - 1)
+            # only the state after each row's last item is read
+            x = last_states(self.blocks, x, layout, length.cumsum(0) - 1)
         return self.norm(x)
 
     def _autocast(self):

@@ -15,7 +15,7 @@ from grid.config import check_fields
 from grid.data import last_items
 from grid.errors import GridError
 from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls
-from grid.generators.tiger import Block, Layout
+from grid.generators.tiger import Block, Layout, last_states
 from grid.sids import SemanticIDs
 
 AGGREGATIONS = ("mean", "concat", "gate", "attention")
@@ -188,10 +188,8 @@ class SimGR(Recommender):
         pos = (count[:, None] - 1 - ar).clamp(min=0)
         x = self.drop(self.embed(layout.pack(tokens)[:, 0]) + self.pos(layout.pack(pos)[:, 0]))
         with self._autocast():
-            for block in self.blocks[:-1]:
-                x = block(x, layout)[0]
-            # only each row's last token is read: the last block computes it alone
-            x = self.blocks[-1].last(x, layout, count.cumsum(0) - 1)
+            # only each row's last token is read
+            x = last_states(self.blocks, x, layout, count.cumsum(0) - 1)
         return self.norm(x)
 
     def _autocast(self):

@@ -379,6 +379,16 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x)), cache
 
 
+def last_states(
+    blocks: nn.ModuleList, x: torch.Tensor, layout: Layout, rows: torch.Tensor
+) -> torch.Tensor:
+    """Causal `blocks` over packed tokens `x`, returning `[B, d]` at packed positions `rows`
+    (each row's last real token): the final block computes those tokens alone."""
+    for block in blocks[:-1]:
+        x = block(x, layout)[0]
+    return blocks[-1].last(x, layout, rows)
+
+
 def user_bucket(user: torch.Tensor, buckets: int) -> torch.Tensor:
     """Hash user ids into `buckets` (multiplicative hashing, so neighbouring ids spread out)."""
     return (user * 2654435761) % (2**32) % buckets
