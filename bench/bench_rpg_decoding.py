@@ -3,12 +3,14 @@
     python bench/bench_rpg_decoding.py                      # Beauty (12,101 items), 100k and 1M
     python bench/bench_rpg_decoding.py --sizes beauty 100000 --users 2048
 Exact scoring costs items x positions additions per user; graph decoding costs about
-beam x n_edges x steps x positions, whatever the catalogue. The model is configs/generator/rpg.yaml
-with random weights (speed does not depend on training) reading Beauty test histories (item ids
-taken modulo the catalogue). Beauty uses its OPQ codes and item graph; the synthetic catalogues
-have uniform random 32 x 256 codes and random neighbour lists of the configured width (building
-the exact graph of 1M items takes hours on 2 cores: bench/bench_rpg_graph.py). Writes
-bench/results/rpg_decoding.md.
+beam x n_edges x steps x positions lookups, whatever the catalogue, unless the catalogue is small
+enough (`GRAPH_LOOKUP_COST`) that it reads every item's exact-pass score instead: both ways of
+scoring graph candidates are timed, and the one `recommend` picks is marked. The model is
+configs/generator/rpg.yaml with random weights (speed does not depend on training) reading Beauty
+test histories (item ids taken modulo the catalogue). Beauty uses its OPQ codes and item graph;
+the synthetic catalogues have uniform random 32 x 256 codes and random neighbour lists of the
+configured width (building the exact graph of 1M items takes hours on 2 cores:
+bench/bench_rpg_graph.py). Writes bench/results/rpg_decoding.md.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from bench_tiger import cpu_name
 from omegaconf import OmegaConf
 
 from grid.data import leave_one_out, load_sequences, pad
+from grid.generators import rpg
 from grid.generators.rpg import RPG
 from grid.sids import SemanticIDs
 
@@ -92,8 +95,13 @@ def main() -> None:
                 graph = torch.randint(0, N, (N, E), generator=torch.Generator().manual_seed(0))
                 graph[:, 0] = torch.arange(N)
                 model._graph = graph.int()
-            fast = measure(model, batches)
-        rows.append((sids.num_items, sids.length, exact, fast))
+            picked = "item scores" if model._graph_reads_item_scores else "lookups"
+            rule, speeds = rpg.GRAPH_LOOKUP_COST, {}
+            for way, cost in (("item scores", float("inf")), ("lookups", 0)):
+                rpg.GRAPH_LOOKUP_COST = cost
+                speeds[way] = measure(model, batches)
+            rpg.GRAPH_LOOKUP_COST = rule
+        rows.append((sids.num_items, sids.length, exact, speeds, picked))
         print(rows[-1], flush=True)
     lines = [
         "# RPG decoding speed against catalogue size (`bench/bench_rpg_decoding.py`)",
@@ -105,9 +113,20 @@ def main() -> None:
         f"{args.users:,} Beauty test histories, batches of {args.batch}; graph decoding of the "
         "synthetic catalogues walks random neighbour lists.",
         "",
-        "| items | positions | exact users/s | graph users/s | graph / exact |",
-        "|---|---|---|---|---|",
-        *(f"| {n:,} | {m} | {e:,.0f} | {g:,.0f} | {g / e:.2f} |" for n, m, e, g in rows),
+        "Graph decoding scores its candidates by reading every item's exact-pass score (item "
+        "scores) or by looking up each candidate's codes (lookups); * marks the way `recommend` "
+        f"picks (item scores up to GRAPH_LOOKUP_COST = {rpg.GRAPH_LOOKUP_COST} items per "
+        "candidate a walk scores).",
+        "",
+        "| items | positions | exact users/s | graph, item scores | graph, lookups | "
+        "graph / exact |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {n:,} | {m} | {e:,.0f} | "
+            + " | ".join(f"{g[w]:,.0f}{' *' if w == p else ''}" for w in g)
+            + f" | {g[p] / e:.2f} |"
+            for n, m, e, g, p in rows
+        ),
         "",
     ]
     args.out.write_text("\n".join(lines))

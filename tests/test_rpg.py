@@ -15,6 +15,8 @@ from grid.cli import main
 from grid.data import SequenceDataModule, leave_one_out, pad
 from grid.errors import GridError
 from grid.generators import GENERATORS, PipelineInputs
+from grid.generators import rpg as rpg_module
+from grid.generators.base import top_k, top_k_items
 from grid.generators.popularity import Popularity
 from grid.generators.rpg import RPG, item_graph, top_k_rows
 from grid.sids import assign_sids
@@ -139,7 +141,7 @@ def test_exact_scores_equal_a_per_item_loop(sids, batch):
 
 
 @pytest.mark.parametrize("n", [3000, 3008, 40])  # a partial last block, whole blocks, one block
-def test_top_k_rows_equals_a_full_top_k(n):
+def test_block_top_k_equals_a_full_top_k(n):
     scores = torch.randn(n, 24, generator=torch.Generator().manual_seed(n))
     scores[:, 0] = scores[:, 0].round()  # column 0: many ties
     scores[-1, 1] = 100  # the partial last block holds column 1's best
@@ -149,6 +151,13 @@ def test_top_k_rows_equals_a_full_top_k(n):
     assert torch.equal(scores.T.gather(1, rows), values)
     assert torch.equal(rows[1:], expect.indices[1:])  # columns without ties: the same rows
     assert all(len(set(r.tolist())) == 20 for r in rows)
+    # the same scores user-major, as SASRec, SETRec and SimGR rank them
+    values, items = top_k(scores.T.contiguous(), 20)
+    assert torch.equal(values, expect.values)
+    assert torch.equal(scores.T.gather(1, items), values)
+    assert torch.equal(items[1:], expect.indices[1:])
+    assert all(len(set(r.tolist())) == 20 for r in items)
+    assert torch.equal(top_k_items(scores.T[:, :5], 20)[:, 5:], torch.full((24, 15), -1))
 
 
 def test_evaluation_caches_give_the_same_scores(sids, batch):
@@ -184,18 +193,28 @@ def test_item_graph_equals_brute_force_top_k(sids):
         assert (graph[:, 0].long() == torch.arange(200))[rows].all()  # itself first
 
 
+@pytest.fixture(params=["item_scores", "lookups"])
+def graph_scoring(request, monkeypatch):
+    """Graph decoding's two ways of scoring candidates: reading the scores of one vectorised
+    pass over the catalogue (small catalogues), or looking up each candidate's codes."""
+    cost = rpg_module.GRAPH_LOOKUP_COST if request.param == "item_scores" else 0
+    monkeypatch.setattr(rpg_module, "GRAPH_LOOKUP_COST", cost)
+    return request.param
+
+
 @pytest.mark.parametrize("beam_width", [200, 3])
-def test_graph_covering_the_catalogue_is_exact(sids, batch, beam_width):
+def test_graph_covering_the_catalogue_is_exact(sids, batch, beam_width, graph_scoring):
     """Every item's neighbourhood is the catalogue: one round reaches the exact top-k, from a
     beam as wide as the catalogue or from a 3-item beam."""
     exact = model(sids)
     graph = model(sids, decoding="graph", n_edges=200, beam_width=beam_width, steps=1)
+    assert graph._graph_reads_item_scores == (graph_scoring == "item_scores")
     expect = exact.recommend(batch, 20)
     assert torch.equal(graph.recommend(batch, 20), expect)
     assert graph._graph is not None  # decoded on the graph, not by exact scoring
 
 
-def test_small_graph_returns_valid_ranked_items_independent_of_batching(sids, batch):
+def test_small_graph_returns_valid_ranked_items_independent_of_batching(sids, batch, graph_scoring):
     rpg = model(sids, decoding="graph", n_edges=8, beam_width=4, steps=3)
     top = rpg.recommend(batch, 20)
     found = top >= 0  # the last round may reach fewer than 20 distinct items: -1 fills the tail
@@ -209,6 +228,16 @@ def test_small_graph_returns_valid_ranked_items_independent_of_batching(sids, ba
     assert not torch.equal(top, exact)  # a small graph really prunes
     half = {k: v[24:] for k, v in batch.items()}
     assert torch.equal(rpg.recommend(half, 20), top[24:])  # same users, other batch: same result
+
+
+def test_graph_scoring_by_item_scores_equals_lookups(sids, batch, monkeypatch):
+    """Both ways of scoring graph candidates walk the same beams to the same lists."""
+    rpg = model(sids, decoding="graph", n_edges=8, beam_width=4, steps=3)
+    assert rpg._graph_reads_item_scores
+    by_item_scores = rpg.recommend(batch, 20)
+    monkeypatch.setattr(rpg_module, "GRAPH_LOOKUP_COST", 0)
+    assert not rpg._graph_reads_item_scores
+    assert torch.equal(rpg.recommend(batch, 20), by_item_scores)
 
 
 def test_selection_scores_exactly_and_test_decodes_on_the_graph(sids, batch, monkeypatch):

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 
 from grid.errors import GridError
 from grid.metrics import KS, RankingTotals
 from grid.sids import SemanticIDs
+
+TOP_K_BLOCK = 64  # items summarised by their maximum in `top_k`
 
 
 @contextmanager
@@ -33,6 +36,33 @@ def bf16_matmuls(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and indices `[B, k]` of each row's k largest `scores [B, n]`, best first.
+
+    The values of `scores.topk(k)`, found through the maxima of blocks of `TOP_K_BLOCK` items:
+    only the k blocks with the largest maxima can hold a row's top k (ties in any order).
+    """
+    B, n = scores.shape
+    k, c = min(k, n), TOP_K_BLOCK
+    blocks = n // c
+    if blocks <= k:
+        return scores.topk(k, dim=1)
+    best = scores[:, : blocks * c].unflatten(1, (blocks, c)).amax(2).topk(k, dim=1).indices
+    cols = (best[..., None] * c + torch.arange(c, device=scores.device)).flatten(1)
+    if blocks * c < n:  # the last, partial block is always a candidate
+        tail = torch.arange(blocks * c, n, device=scores.device).expand(B, -1)
+        cols = torch.cat([cols, tail], dim=1)
+    top = scores.gather(1, cols).topk(k, dim=1)
+    return top.values, cols.gather(1, top.indices)
+
+
+def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Item ids `[B, k]` of each row's k best `scores [B, num_items]`, best first; -1 past the
+    catalogue's end."""
+    ids = top_k(scores, k)[1]
+    return ids if ids.shape[1] == k else F.pad(ids, (0, k - ids.shape[1]), value=-1)
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from torch import nn
 from grid.config import check_divides, check_fields
 from grid.data import last_items
 from grid.errors import GridError
-from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls
+from grid.generators.base import TOP_K_BLOCK, PipelineInputs, Recommender, bf16_matmuls
 from grid.generators.tiger import Block, Layout, last_states
 from grid.sids import SemanticIDs
 
@@ -37,7 +39,11 @@ SCORE_USERS = 64  # users scored together by exact decoding: their code table fi
 ITEM_INPUTS_CACHE_BYTES = 2**28  # evaluation caches every item's input embedding up to this size
 GRAPH_CHUNK_BYTES = 2**28  # similarities held at once while building the item graph
 GRAPH_BLOCK_ITEMS = 512  # graph rows built at once: keeps the lookup table in cache
-TOP_K_BLOCK = 64  # rows summarised by their maximum in exact decoding's top-k
+# Graph decoding scores every item in exact decoding's vectorised pass and walks over those scores
+# while the catalogue has at most this many items per candidate a walk scores; beyond, it looks up
+# each candidate's m codes (the two break even near 100k items at the paper's beam 10, 100 edges
+# and 3 steps on CPU: bench/bench_rpg_decoding.py)
+GRAPH_LOOKUP_COST = 32
 
 
 def sum_rows(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -73,6 +79,36 @@ def top_k_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 def graph_block(num_items: int, chunk_bytes: int = GRAPH_CHUNK_BYTES) -> int:
     """Items whose graph rows are built together: `[num_items, block]` floats fit `chunk_bytes`."""
     return max(1, min(num_items, GRAPH_BLOCK_ITEMS, chunk_bytes // (4 * num_items)))
+
+
+def distinct_sorted(cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's distinct items of `cand [B, C]`, ascending and packed left, and the mask of
+    the slots after them (holding item 0)."""
+    cand, _ = cand.sort(dim=1)
+    first = torch.ones_like(cand, dtype=torch.bool)
+    first[:, 1:] = cand[:, 1:] != cand[:, :-1]
+    slot = first.cumsum(1) - 1  # each candidate's rank among its row's distinct items
+    width = int(slot[:, -1].max()) + 1
+    items = cand.new_zeros(len(cand), width).scatter_(1, slot, cand)
+    return items, torch.arange(width, device=cand.device) > slot[:, -1:]
+
+
+def distinct_stamped(cand: torch.Tensor, stamp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cand [B, C]` and the mask of each item's repeats within its row, found through the
+    scratch `stamp [B, num_items]` (int32): cheaper than sorting while the scratch is in cache."""
+    B, C = cand.shape
+    slot = torch.arange(C, dtype=stamp.dtype, device=cand.device).expand(B, C)
+    stamp.scatter_(1, cand, slot)  # an item listed twice keeps one slot: the one written last
+    return cand, stamp.gather(1, cand) != slot
+
+
+def best_items(items: torch.Tensor, masked: torch.Tensor, score: Callable, n: int) -> torch.Tensor:
+    """The n best `items [B, C]` by `score(items)` `[B, C]`, best first, leaving out the `masked`
+    ones; -1 where a row has fewer."""
+    scores = score(items).masked_fill_(masked, float("-inf"))
+    top = scores.topk(min(n, items.shape[1]), dim=1)
+    best = items.gather(1, top.indices).masked_fill_(top.values == float("-inf"), -1)
+    return best if best.shape[1] == n else F.pad(best, (0, n - best.shape[1]), value=-1)
 
 
 @torch.no_grad()
@@ -358,34 +394,43 @@ class RPG(Recommender):
             total = scores if total is None else total.add_(scores)
         return total
 
-    def _best(self, table: torch.Tensor, cand: torch.Tensor, n: int) -> torch.Tensor:
-        """The n best distinct items `[B, n]` of candidates `[B, C]` (-1 where fewer)."""
-        cand, _ = cand.sort(dim=1)
-        first = torch.ones_like(cand, dtype=torch.bool)
-        first[:, 1:] = cand[:, 1:] != cand[:, :-1]
-        slot = first.cumsum(1) - 1  # each candidate's rank among its row's distinct items
-        width = int(slot[:, -1].max()) + 1  # neighbourhoods overlap: score each item once
-        items = cand.new_full((len(cand), width), -1).scatter_(1, slot, cand)
-        scores = self._candidate_scores(table, items.clamp(min=0))
-        scores = scores.masked_fill(items < 0, float("-inf"))
-        top = scores.topk(min(n, width), dim=1)
-        best = items.gather(1, top.indices).masked_fill(top.values == float("-inf"), -1)
-        return F.pad(best, (0, n - width), value=-1) if width < n else best
+    @property
+    def _graph_reads_item_scores(self) -> bool:
+        """Whether graph decoding scores the whole catalogue in exact decoding's vectorised pass
+        and walks the graph over those scores: cheaper than looking up each candidate's codes
+        while the catalogue has at most GRAPH_LOOKUP_COST items per candidate a walk scores."""
+        scored = self.beam_width * (1 + self.steps * (self.n_edges + 1))
+        return self.num_items <= GRAPH_LOOKUP_COST * scored
 
-    def graph_top_k(self, table: torch.Tensor, user: torch.Tensor, k: int) -> torch.Tensor:
+    def graph_top_k(self, h: torch.Tensor, user: torch.Tensor, k: int) -> torch.Tensor:
         """Graph-constrained decoding: a seeded beam, moved `steps` times to its best neighbours.
 
         Each user's first beam is its own slice of a permutation drawn under `seed`, so results
         do not depend on how users are batched. The final list ranks the last round's candidates
-        (the beam and its neighbours), so it may be longer than the beam.
+        (the beam and its neighbours), so it may be longer than the beam. A candidate scores the
+        sum of its `code_table` rows, as in exact decoding.
         """
+        if not self._graph_reads_item_scores:
+            table = self.code_table(h)
+            return self._walk(partial(self._candidate_scores, table), distinct_sorted, user, k)
+        tops = []
+        for u, us in zip(h.split(SCORE_USERS), user.split(SCORE_USERS), strict=True):
+            sums = sum_rows(self.item_index, self.code_table(u)).T  # [B, N], as exact decoding
+            stamp = torch.empty(sums.shape, dtype=torch.int32, device=sums.device)
+            score = partial(torch.gather, sums, 1)
+            tops.append(self._walk(score, partial(distinct_stamped, stamp=stamp), us, k))
+        return torch.cat(tops)
+
+    def _walk(self, score: Callable, distinct: Callable, user: torch.Tensor, k: int):
+        """`graph_top_k` with candidates `[B, C]` de-duplicated by `distinct` and scored by
+        `score`."""
         graph = self.build_graph()
         W, N = self.beam_width, self.num_items
         cand = self.start_items[(user[:, None] * W + torch.arange(W, device=user.device)) % N]
         for _ in range(self.steps):
-            beam = self._best(table, cand, W)
+            beam = best_items(*distinct(cand), score, W)
             cand = torch.cat([beam, graph[beam].flatten(1).long()], dim=1)
-        return self._best(table, cand, k)
+        return best_items(*distinct(cand), score, k)
 
     def selection_decoding(self) -> dict:
         """Model selection always scores every item exactly."""
@@ -399,7 +444,7 @@ class RPG(Recommender):
     def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
         h = self.user_state(batch["history"], batch["length"])
         if self._graph_decoding:
-            return self.graph_top_k(self.code_table(h), batch["user"], k)
+            return self.graph_top_k(h, batch["user"], k)
         # SCORE_USERS at a time: their code table stays in a core's cache while items gather
         return torch.cat([self.exact_top_k(self.code_table(u), k) for u in h.split(SCORE_USERS)])
 

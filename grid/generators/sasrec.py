@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from grid.config import check_divides, check_fields
 from grid.data import last_items
-from grid.generators.base import Recommender
+from grid.generators.base import Recommender, top_k_items
 from grid.metrics import KS
 
 
@@ -131,8 +131,7 @@ class SASRec(Recommender):
         return self.user_state(batch["history"], batch["length"]) @ self.item_embeddings().T
 
     def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
-        top = self.scores(batch).topk(min(k, self.num_items), dim=1).indices
-        return F.pad(top, (0, k - top.shape[1]), value=-1)
+        return top_k_items(self.scores(batch), k)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = F.cross_entropy(self.scores(batch), batch["target"])

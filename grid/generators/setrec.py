@@ -10,7 +10,7 @@ from torch import nn
 from grid.config import check_divides, check_fields
 from grid.data import last_items
 from grid.errors import GridError
-from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls
+from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls, top_k_items
 from grid.generators.sasrec import Block, SASRec
 from grid.metrics import KS, RankingTotals
 
@@ -243,10 +243,6 @@ class SETRec(Recommender):
         with bf16_matmuls(self.bf16):  # float32 scores: bf16 ones would tie near-equal items
             return (out * weight).flatten(1) @ tokens.flatten(1).T
 
-    def _top(self, scores: torch.Tensor, k: int) -> torch.Tensor:
-        top = scores.topk(min(k, self.num_items), dim=1).indices
-        return F.pad(top, (0, k - top.shape[1]), value=-1)
-
     @torch.no_grad()
     def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
         if self.beta is None:
@@ -254,7 +250,7 @@ class SETRec(Recommender):
                 "setrec: beta is chosen on validation data: validate before testing, or set "
                 "generator.beta"
             )
-        return self._top(self.scores(batch, self.beta), k)
+        return top_k_items(self.scores(batch, self.beta), k)
 
     # --- evaluation: beta chosen on validation -------------------------------------------------
 
@@ -273,7 +269,7 @@ class SETRec(Recommender):
             return super().validation_step(batch, batch_idx)
         cf, semantic = self.dimension_scores(batch)
         for totals, beta in zip(self._beta_totals, BETAS, strict=True):
-            ranked = self._top(torch.lerp(cf, semantic, beta), max(self.ks))
+            ranked = top_k_items(torch.lerp(cf, semantic, beta), max(self.ks))
             totals.update(ranked, batch["target"], batch.get("warm"))
         self._users += len(batch["target"])
 

@@ -14,7 +14,7 @@ from torch import nn
 from grid.config import check_fields
 from grid.data import last_items
 from grid.errors import GridError
-from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls
+from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls, top_k
 from grid.generators.tiger import Block, Layout, last_states
 from grid.sids import SemanticIDs
 
@@ -46,9 +46,8 @@ def top_k_inner_product(
     k = min(k, len(items))
     best_scores = best_ids = None
     for start in range(0, len(items), chunk):
-        scores = queries @ items[start : start + chunk].T
-        top = scores.topk(min(k, scores.shape[1]), dim=1)
-        scores, ids = top.values, top.indices + start
+        scores, ids = top_k(queries @ items[start : start + chunk].T, k)
+        ids = ids + start
         if best_ids is not None:
             scores, ids = torch.cat([best_scores, scores], 1), torch.cat([best_ids, ids], 1)
             top = scores.topk(min(k, scores.shape[1]), dim=1)
