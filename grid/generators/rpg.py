@@ -421,7 +421,9 @@ class RPG(Recommender):
             tops.append(self._walk(score, partial(distinct_stamped, stamp=stamp), us, k))
         return torch.cat(tops)
 
-    def _walk(self, score: Callable, distinct: Callable, user: torch.Tensor, k: int):
+    def _walk(
+        self, score: Callable, distinct: Callable, user: torch.Tensor, k: int
+    ) -> torch.Tensor:
         """`graph_top_k` with candidates `[B, C]` de-duplicated by `distinct` and scored by
         `score`."""
         graph = self.build_graph()
