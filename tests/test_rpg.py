@@ -18,7 +18,7 @@ from grid.generators import GENERATORS, PipelineInputs
 from grid.generators import rpg as rpg_module
 from grid.generators.base import top_k, top_k_items
 from grid.generators.popularity import Popularity
-from grid.generators.rpg import RPG, item_graph, top_k_rows
+from grid.generators.rpg import RPG, item_graph
 from grid.sids import assign_sids
 from grid.tokenizers.opq import OptimizedPQ
 from tests.conftest import QUIET
@@ -145,18 +145,14 @@ def test_block_top_k_equals_a_full_top_k(n):
     scores = torch.randn(n, 24, generator=torch.Generator().manual_seed(n))
     scores[:, 0] = scores[:, 0].round()  # column 0: many ties
     scores[-1, 1] = 100  # the partial last block holds column 1's best
-    values, rows = top_k_rows(scores, 20)
     expect = scores.T.topk(20, dim=1)
-    assert torch.equal(values, expect.values)
-    assert torch.equal(scores.T.gather(1, rows), values)
-    assert torch.equal(rows[1:], expect.indices[1:])  # columns without ties: the same rows
-    assert all(len(set(r.tolist())) == 20 for r in rows)
-    # the same scores user-major, as SASRec, SETRec and SimGR rank them
-    values, items = top_k(scores.T.contiguous(), 20)
-    assert torch.equal(values, expect.values)
-    assert torch.equal(scores.T.gather(1, items), values)
-    assert torch.equal(items[1:], expect.indices[1:])
-    assert all(len(set(r.tolist())) == 20 for r in items)
+    # item-major as RPG scores (a transposed view), user-major as SASRec, SETRec and SimGR do
+    for layout in (scores.T, scores.T.contiguous()):
+        values, items = top_k(layout, 20)
+        assert torch.equal(values, expect.values)
+        assert torch.equal(scores.T.gather(1, items), values)
+        assert torch.equal(items[1:], expect.indices[1:])  # users without ties: the same items
+        assert all(len(set(r.tolist())) == 20 for r in items)
     assert torch.equal(top_k_items(scores.T[:, :5], 20)[:, 5:], torch.full((24, 15), -1))
 
 

@@ -43,13 +43,20 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     The values of `scores.topk(k)`, found through the maxima of blocks of `TOP_K_BLOCK` items:
     only the k blocks with the largest maxima can hold a row's top k (ties in any order).
+    `scores` may be user-major or the transposed view of item-major `[n, B]` scores; the block
+    maxima are reduced in memory order either way, so neither layout is copied.
     """
     B, n = scores.shape
     k, c = min(k, n), TOP_K_BLOCK
     blocks = n // c
     if blocks <= k:
         return scores.topk(k, dim=1)
-    best = scores[:, : blocks * c].unflatten(1, (blocks, c)).amax(2).topk(k, dim=1).indices
+    head = scores[:, : blocks * c]
+    if scores.stride(1) == 1:
+        maxima = head.unflatten(1, (blocks, c)).amax(2)
+    else:  # item-major: reduce over rows of the `[n, B]` memory, users stay contiguous
+        maxima = head.T.view(blocks, c, B).amax(1).T
+    best = maxima.topk(k, dim=1).indices
     cols = (best[..., None] * c + torch.arange(c, device=scores.device)).flatten(1)
     if blocks * c < n:  # the last, partial block is always a candidate
         tail = torch.arange(blocks * c, n, device=scores.device).expand(B, -1)

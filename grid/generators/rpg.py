@@ -14,7 +14,7 @@ from torch import nn
 from grid.config import check_divides, check_fields
 from grid.data import last_items
 from grid.errors import GridError
-from grid.generators.base import TOP_K_BLOCK, PipelineInputs, Recommender, bf16_matmuls
+from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls, top_k
 from grid.generators.tiger import Block, Layout, last_states
 from grid.sids import SemanticIDs
 
@@ -53,27 +53,6 @@ def sum_rows(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     every caller gets bit-identical sums.
     """
     return F.embedding_bag(index, table, mode="sum")
-
-
-def top_k_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values and rows `[B, k]` of each column's k largest scores in `scores [n, B]`, best first.
-
-    The values of `scores.T.topk(k)` without transposing the scores: only the k blocks of
-    `TOP_K_BLOCK` rows with the largest maxima can hold a column's top k (ties in any order).
-    """
-    n, B = scores.shape
-    k, c = min(k, n), TOP_K_BLOCK
-    blocks = n // c
-    if blocks <= k:
-        top = scores.T.topk(k, dim=1)
-        return top.values, top.indices
-    best = scores[: blocks * c].view(blocks, c, B).amax(1).T.topk(k, dim=1).indices
-    rows = (best[..., None] * c + torch.arange(c, device=scores.device)).flatten(1)
-    if blocks * c < n:  # the last, partial block is always a candidate
-        tail = torch.arange(blocks * c, n, device=scores.device).expand(B, -1)
-        rows = torch.cat([rows, tail], dim=1)
-    top = scores.T.gather(1, rows).topk(k, dim=1)
-    return top.values, rows.gather(1, top.indices)
 
 
 def graph_block(num_items: int, chunk_bytes: int = GRAPH_CHUNK_BYTES) -> int:
@@ -367,7 +346,8 @@ class RPG(Recommender):
         block = max(1, chunk_bytes // (4 * table.shape[1]))
         best = None
         for start in range(0, self.num_items, block):
-            values, items = top_k_rows(sum_rows(self.item_index[start : start + block], table), k)
+            scores = sum_rows(self.item_index[start : start + block], table)  # [b, B]
+            values, items = top_k(scores.T, k)
             cand = (values, items + start)
             if best is not None:
                 values = torch.cat([best[0], cand[0]], dim=1)
