@@ -104,13 +104,18 @@ def test_training_step_reaches_every_parameter(sids, batch):
     torch.testing.assert_close(rpg.loss(batch), sum(per_position) / sids.length)
 
 
+def code_table(rpg: RPG, batch: dict) -> torch.Tensor:
+    """The batch's `code_table` `[m * V, B]`."""
+    with torch.no_grad():
+        return rpg.code_table(rpg.unit_states(rpg.user_state(batch["history"], batch["length"])))
+
+
 def ranking_scores(rpg: RPG, batch: dict) -> torch.Tensor:
     """Every item's mean code logit `[B, N]`: what decoding ranks by."""
-    with torch.no_grad():
-        return rpg.item_scores(rpg.code_table(rpg.user_state(batch["history"], batch["length"])))
+    return rpg.item_scores(code_table(rpg, batch))
 
 
-def test_exact_scores_equal_a_per_item_loop(sids, batch):
+def test_exact_scores_equal_a_per_item_loop(sids, batch, monkeypatch):
     rpg = model(sids)
     with torch.no_grad():
         log_probs = rpg.code_log_probs(batch)  # [m * V, B]
@@ -133,10 +138,11 @@ def test_exact_scores_equal_a_per_item_loop(sids, batch):
     top = rpg.recommend(batch, 20)
     assert torch.equal(top, ranking.topk(20, dim=1).indices)
     torch.testing.assert_close(scores.gather(1, top), scores.topk(20, dim=1).values)
-    with torch.no_grad():
-        table = rpg.code_table(rpg.user_state(batch["history"], batch["length"]))
-    blocks_of_7 = rpg.exact_top_k(table, 20, chunk_bytes=4 * 48 * 7)  # merged top-k
+    # scored 7 items at a time, the running top-k merged
+    blocks_of_7 = rpg.exact_top_k(code_table(rpg, batch), 20, chunk_bytes=4 * 48 * 7)
     assert torch.equal(blocks_of_7, top)
+    monkeypatch.setattr(rpg_module, "SCORE_USERS", 10)  # users scored 10 at a time
+    assert torch.equal(rpg.recommend(batch, 20), top)
     assert rpg.recommend(batch, 250)[:, 200:].eq(-1).all()  # k beyond the catalogue pads
 
 

@@ -201,9 +201,11 @@ class RPG(Recommender):
         self.positions = m = sids.length
         V = max(sids.vocab_sizes)  # positions with smaller vocabularies are padded and masked
         codes = torch.as_tensor(sids.codes)
-        self.register_buffer("item_index", codes + torch.arange(m) * V, persistent=False)
-        # the same rows position by position, for gathering a few items per user
-        self.register_buffer("rows_by_position", self.item_index.T.contiguous(), persistent=False)
+        # int32: the exact pass reads every item's rows, and embedding_bag takes int32 as well
+        rows = (codes + torch.arange(m) * V).int()
+        self.register_buffer("item_index", rows, persistent=False)
+        # the same rows position by position (int64, as gather wants), for a few items per user
+        self.register_buffer("rows_by_position", rows.T.long().contiguous(), persistent=False)
         unused = torch.arange(V) >= torch.tensor(sids.vocab_sizes)[:, None]
         self.register_buffer("unused_codes", unused if unused.any() else None, persistent=False)
         start = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
@@ -286,14 +288,14 @@ class RPG(Recommender):
             logits = logits.masked_fill(self.unused_codes, float("-inf"))
         return logits
 
-    def code_table(self, h: torch.Tensor) -> torch.Tensor:
-        """The logits of `logits(h)` laid out `[m * V, B]` for `sum_rows`: one row per code
-        (`p * V + code`). Ranking needs no log-softmax: an item's summed code log-probabilities
-        are its summed logits minus the user's sum of per-position logsumexps, the same for
-        every item (and unused codes are in no item)."""
+    def code_table(self, states: torch.Tensor) -> torch.Tensor:
+        """The logits of `unit_states` `[m, B, d]` laid out `[m * V, B]` for `sum_rows`: one row
+        per code (`p * V + code`). Ranking needs no log-softmax: an item's summed code
+        log-probabilities are its summed logits minus the user's sum of per-position
+        logsumexps, the same for every item (and unused codes are in no item)."""
         codes = self._unit_codes if self._unit_codes is not None else self.unit_codes()
         with bf16_matmuls(self.bf16):
-            return torch.bmm(codes, self.unit_states(h).transpose(1, 2)).flatten(0, 1)
+            return torch.bmm(codes, states.transpose(1, 2)).flatten(0, 1)
 
     def code_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits `[B, m, V]` (float32) of every code at every position: cosine / tau."""
@@ -302,7 +304,7 @@ class RPG(Recommender):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy of the target's code at each position, averaged over positions."""
         logits = self.code_logits(batch)
-        codes = self.item_index[batch["target"]] % logits.shape[-1]
+        codes = self.item_index[batch["target"]].long() % logits.shape[-1]
         return F.cross_entropy(logits.flatten(0, 1), codes.flatten())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -390,12 +392,13 @@ class RPG(Recommender):
         (the beam and its neighbours), so it may be longer than the beam. A candidate scores the
         sum of its `code_table` rows, as in exact decoding.
         """
+        states = self.unit_states(h)
         if not self._graph_reads_item_scores:
-            table = self.code_table(h)
+            table = self.code_table(states)
             return self._walk(partial(self._candidate_scores, table), distinct_sorted, user, k)
         tops = []
-        for u, us in zip(h.split(SCORE_USERS), user.split(SCORE_USERS), strict=True):
-            sums = sum_rows(self.item_index, self.code_table(u)).T  # [B, N], as exact decoding
+        for s, us in zip(states.split(SCORE_USERS, 1), user.split(SCORE_USERS), strict=True):
+            sums = sum_rows(self.item_index, self.code_table(s)).T  # [B, N], as exact decoding
             stamp = torch.empty(sums.shape, dtype=torch.int32, device=sums.device)
             score = partial(torch.gather, sums, 1)
             tops.append(self._walk(score, partial(distinct_stamped, stamp=stamp), us, k))
@@ -427,8 +430,10 @@ class RPG(Recommender):
         h = self.user_state(batch["history"], batch["length"])
         if self._graph_decoding:
             return self.graph_top_k(h, batch["user"], k)
-        # SCORE_USERS at a time: their code table stays in a core's cache while items gather
-        return torch.cat([self.exact_top_k(self.code_table(u), k) for u in h.split(SCORE_USERS)])
+        # the heads for the whole batch (their weights are read once), then SCORE_USERS at a
+        # time: their code table stays in a core's cache while items gather
+        states = self.unit_states(h).split(SCORE_USERS, 1)
+        return torch.cat([self.exact_top_k(self.code_table(s), k) for s in states])
 
     def _eval_start(self) -> None:
         super()._eval_start()
