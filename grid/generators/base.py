@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -63,6 +63,22 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         cols = torch.cat([cols, tail], dim=1)
     top = scores.gather(1, cols).topk(k, dim=1)
     return top.values, cols.gather(1, top.indices)
+
+
+def running_top_k(blocks: Iterable[tuple[int, torch.Tensor]], k: int) -> torch.Tensor:
+    """Item ids `[B, min(k, n)]` of each row's k best of n items, best first, from blocks of
+    scores `(start, [B, b])` of items `start .. start + b - 1`: each block's top-k is merged into
+    the running top-k, so only one block of scores is held at a time."""
+    best = None
+    for start, scores in blocks:
+        values, ids = top_k(scores, k)
+        ids = ids + start
+        if best is not None:
+            values, ids = torch.cat([best[0], values], 1), torch.cat([best[1], ids], 1)
+            top = values.topk(min(k, values.shape[1]), dim=1)
+            values, ids = top.values, ids.gather(1, top.indices)
+        best = values, ids
+    return best[1]
 
 
 def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 from grid.config import check_divides, check_fields
 from grid.data import last_items
 from grid.errors import GridError
-from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls, top_k
+from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls, running_top_k
 from grid.generators.tiger import Block, Layout, last_states
 from grid.sids import SemanticIDs
 
@@ -266,6 +266,8 @@ class RPG(Recommender):
 
     def unit_codes(self) -> torch.Tensor:
         """Code embeddings `[m, V, d]` scaled to unit length (cached during an evaluation)."""
+        if self._unit_codes is not None:
+            return self._unit_codes
         return F.normalize(self.codebooks, dim=-1)
 
     def unit_states(self, h: torch.Tensor) -> torch.Tensor:
@@ -279,11 +281,11 @@ class RPG(Recommender):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits `[B, m, V]` (float32) of every code at every position for user states `h`:
         the cosine of each position's projected state with its code embeddings, over tau."""
-        codes = self._unit_codes if self._unit_codes is not None else self.unit_codes()
         # bf16 inputs, float32 results: bf16 outputs would round cosines to steps of ~0.004,
         # i.e. logit steps of ~0.13 at tau 0.03, and tie many item scores
         with bf16_matmuls(self.bf16):
-            logits = torch.bmm(self.unit_states(h), codes.transpose(1, 2)).transpose(0, 1)
+            codes = self.unit_codes().transpose(1, 2)
+            logits = torch.bmm(self.unit_states(h), codes).transpose(0, 1)
         if self.unused_codes is not None:
             logits = logits.masked_fill(self.unused_codes, float("-inf"))
         return logits
@@ -293,9 +295,8 @@ class RPG(Recommender):
         per code (`p * V + code`). Ranking needs no log-softmax: an item's summed code
         log-probabilities are its summed logits minus the user's sum of per-position
         logsumexps, the same for every item (and unused codes are in no item)."""
-        codes = self._unit_codes if self._unit_codes is not None else self.unit_codes()
         with bf16_matmuls(self.bf16):
-            return torch.bmm(codes, states.transpose(1, 2)).flatten(0, 1)
+            return torch.bmm(self.unit_codes(), states.transpose(1, 2)).flatten(0, 1)
 
     def code_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits `[B, m, V]` (float32) of every code at every position: cosine / tau."""
@@ -346,17 +347,11 @@ class RPG(Recommender):
         """Top-k items `[B, k]` over the whole catalogue for the users of a `code_table`,
         scoring a block of items at a time (their `[block, B]` scores within `chunk_bytes`)."""
         block = max(1, chunk_bytes // (4 * table.shape[1]))
-        best = None
-        for start in range(0, self.num_items, block):
-            scores = sum_rows(self.item_index[start : start + block], table)  # [b, B]
-            values, items = top_k(scores.T, k)
-            cand = (values, items + start)
-            if best is not None:
-                values = torch.cat([best[0], cand[0]], dim=1)
-                pick = values.topk(min(k, values.shape[1]), dim=1).indices
-                cand = (values.gather(1, pick), torch.cat([best[1], cand[1]], 1).gather(1, pick))
-            best = cand
-        return F.pad(best[1], (0, k - best[1].shape[1]), value=-1)
+        starts = range(0, self.num_items, block)
+        # each block's item-major sums, ranked through their transposed view
+        blocks = ((s, sum_rows(self.item_index[s : s + block], table).T) for s in starts)
+        best = running_top_k(blocks, k)
+        return F.pad(best, (0, k - best.shape[1]), value=-1)
 
     def build_graph(self) -> torch.Tensor:
         """The item graph of the current code embeddings (cached until the next training step)."""

@@ -14,7 +14,7 @@ from torch import nn
 from grid.config import check_fields
 from grid.data import last_items
 from grid.errors import GridError
-from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls, top_k
+from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls, running_top_k
 from grid.generators.tiger import Block, Layout, last_states
 from grid.sids import SemanticIDs
 
@@ -39,21 +39,10 @@ SCORE_CHUNK = 65536  # items scored per matmul: bounds the `[B, chunk]` score bl
 def top_k_inner_product(
     queries: torch.Tensor, items: torch.Tensor, k: int, chunk: int = SCORE_CHUNK
 ) -> torch.Tensor:
-    """Ids `[B, min(k, N)]` of the items `[N, d]` with the largest inner product, best first.
-
-    Scores a chunk of items at a time and merges its top-k into the running top-k.
-    """
-    k = min(k, len(items))
-    best_scores = best_ids = None
-    for start in range(0, len(items), chunk):
-        scores, ids = top_k(queries @ items[start : start + chunk].T, k)
-        ids = ids + start
-        if best_ids is not None:
-            scores, ids = torch.cat([best_scores, scores], 1), torch.cat([best_ids, ids], 1)
-            top = scores.topk(min(k, scores.shape[1]), dim=1)
-            scores, ids = top.values, ids.gather(1, top.indices)
-        best_scores, best_ids = scores, ids
-    return best_ids
+    """Ids `[B, min(k, N)]` of the items `[N, d]` with the largest inner product, best first,
+    scoring a chunk of items at a time."""
+    starts = range(0, len(items), chunk)
+    return running_top_k(((s, queries @ items[s : s + chunk].T) for s in starts), k)
 
 
 class TokenAggregation(nn.Module):
