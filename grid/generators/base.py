@@ -81,11 +81,15 @@ def running_top_k(blocks: Iterable[tuple[int, torch.Tensor]], k: int) -> torch.T
     return best[1]
 
 
+def pad_ranked(ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Ranked ids `[B, <= k]` widened to `[B, k]` with -1 where a list runs short."""
+    return ids if ids.shape[1] >= k else F.pad(ids, (0, k - ids.shape[1]), value=-1)
+
+
 def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Item ids `[B, k]` of each row's k best `scores [B, num_items]`, best first; -1 past the
     catalogue's end."""
-    ids = top_k(scores, k)[1]
-    return ids if ids.shape[1] == k else F.pad(ids, (0, k - ids.shape[1]), value=-1)
+    return pad_ranked(top_k(scores, k)[1], k)
 
 
 @dataclass

@@ -14,7 +14,13 @@ from torch import nn
 from grid.config import check_divides, check_fields
 from grid.data import last_items
 from grid.errors import GridError
-from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls, running_top_k
+from grid.generators.base import (
+    PipelineInputs,
+    Recommender,
+    bf16_matmuls,
+    pad_ranked,
+    running_top_k,
+)
 from grid.generators.tiger import Block, Layout, last_states
 from grid.sids import SemanticIDs
 
@@ -87,7 +93,7 @@ def best_items(items: torch.Tensor, masked: torch.Tensor, score: Callable, n: in
     scores = score(items).masked_fill_(masked, float("-inf"))
     top = scores.topk(min(n, items.shape[1]), dim=1)
     best = items.gather(1, top.indices).masked_fill_(top.values == float("-inf"), -1)
-    return best if best.shape[1] == n else F.pad(best, (0, n - best.shape[1]), value=-1)
+    return pad_ranked(best, n)
 
 
 @torch.no_grad()
@@ -350,8 +356,7 @@ class RPG(Recommender):
         starts = range(0, self.num_items, block)
         # each block's item-major sums, ranked through their transposed view
         blocks = ((s, sum_rows(self.item_index[s : s + block], table).T) for s in starts)
-        best = running_top_k(blocks, k)
-        return F.pad(best, (0, k - best.shape[1]), value=-1)
+        return pad_ranked(running_top_k(blocks, k), k)
 
     def build_graph(self) -> torch.Tensor:
         """The item graph of the current code embeddings (cached until the next training step)."""

@@ -14,7 +14,13 @@ from torch import nn
 from grid.config import check_fields
 from grid.data import last_items
 from grid.errors import GridError
-from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls, running_top_k
+from grid.generators.base import (
+    PipelineInputs,
+    Recommender,
+    bf16_matmuls,
+    pad_ranked,
+    running_top_k,
+)
 from grid.generators.tiger import Block, Layout, last_states
 from grid.sids import SemanticIDs
 
@@ -229,4 +235,4 @@ class SimGR(Recommender):
             table = self.item_embeddings() if self._table is None else self._table
             with bf16_matmuls(self.bf16):
                 top = top_k_inner_product(user, table, k)
-        return F.pad(top, (0, k - top.shape[1]), value=-1)
+        return pad_ranked(top, k)

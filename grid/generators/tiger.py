@@ -14,7 +14,7 @@ from torch import nn
 from grid.config import check_fields
 from grid.data import last_items
 from grid.errors import GridError
-from grid.generators.base import PipelineInputs, Recommender
+from grid.generators.base import PipelineInputs, Recommender, pad_ranked
 from grid.generators.beam_search import ConstrainedBeamSearch, ExhaustiveSearch, PrefixTable
 from grid.metrics import KS
 from grid.sids import SemanticIDs
@@ -823,9 +823,7 @@ class TIGER(Recommender):
             self._invalid += int(((groups < 0) & real).sum())
             self._decoded += int(real.sum())
         order = torch.argsort((groups < 0).to(torch.uint8), dim=1, stable=True)
-        groups = groups.gather(1, order)[:, :k]
-        if groups.shape[1] < k:
-            groups = F.pad(groups, (0, k - groups.shape[1]), value=-1)
+        groups = pad_ranked(groups.gather(1, order)[:, :k], k)
         return self.sids.pick_items(groups, generator=self._pick)
 
     def _eval_start(self) -> None:
