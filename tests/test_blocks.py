@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import grid.generators.tiger as tiger_module
+import grid.generators.layers as layers_module
 from grid.generators.base import bf16_matmuls
-from grid.generators.tiger import Block, Layout, attend, packed_rows
+from grid.generators.layers import Block, Layout, attend, packed_rows
 
 LENGTHS = [1, 5, 20, 7, 3, 20, 11, 2, 9, 14, 6, 1, 14]  # 113 tokens: padded, rounded to 128
 
@@ -68,7 +68,7 @@ def test_rounded_rows_leave_real_outputs_unchanged(monkeypatch):
         return layout.pad(x)[keep]
 
     rounded = run()
-    monkeypatch.setattr(tiger_module, "packed_rows", lambda n: n)
+    monkeypatch.setattr(layers_module, "packed_rows", lambda n: n)
     torch.testing.assert_close(run(), rounded)
 
 
@@ -80,7 +80,7 @@ def test_bf16_inference_attention_agrees_with_the_plain_product(monkeypatch):
     masks = [dict(causal=True), dict(mask=keep[:, None, None, :])]
     with torch.no_grad():
         fused = [attend(q, k, v, **m).float() for m in masks]
-        monkeypatch.setattr(tiger_module, "FLASH_MIN_KEYS", 10**9)  # the plain product only
+        monkeypatch.setattr(layers_module, "FLASH_MIN_KEYS", 10**9)  # the plain product only
         plain = [attend(q, k, v, **m).float() for m in masks]
     for a, b in zip(fused, plain, strict=True):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)  # bf16 rounding apart

@@ -10,8 +10,9 @@ import torch
 from grid.data import SequenceDataModule, leave_one_out
 from grid.errors import GridError
 from grid.generators import GENERATORS, PipelineInputs
+from grid.generators.layers import Dropout
 from grid.generators.popularity import Popularity
-from grid.generators.tiger import TIGER, Dropout
+from grid.generators.tiger import TIGER
 from grid.sids import assign_sids
 from grid.tokenizers.rkmeans import ResidualKMeans
 

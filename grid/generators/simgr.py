@@ -21,7 +21,7 @@ from grid.generators.base import (
     pad_ranked,
     running_top_k,
 )
-from grid.generators.tiger import Block, Layout, last_states
+from grid.generators.layers import Block, Layout, last_states
 from grid.sids import SemanticIDs
 
 AGGREGATIONS = ("mean", "concat", "gate", "attention")
