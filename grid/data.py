@@ -281,10 +281,18 @@ def last_items(
     return history.gather(1, idx).masked_fill(ar >= length[:, None], -1), length
 
 
+def history_widths(max_history: int) -> tuple[int, ...]:
+    """The padded history widths of the fixed-shape path: a quarter, half and all of
+    `max_history`, so a compiled model sees three shapes instead of one per longest history."""
+    return tuple(sorted({-(-max_history // 4), -(-max_history // 2), max_history}))
+
+
 class SequenceSamples(TorchDataset):
     """(user, history, target) rows; each item of the dataset is one batch-ready dict.
 
     Evaluation samples also carry `warm`: whether the target appears in the training sequences.
+    A batch's histories are cut to its longest one, or with `widths` to the narrowest of those
+    widths that holds it.
     """
 
     def __init__(
@@ -293,7 +301,9 @@ class SequenceSamples(TorchDataset):
         histories: list[np.ndarray],
         targets: np.ndarray,
         train_items: np.ndarray | None = None,
+        widths: tuple[int, ...] | None = None,
     ):
+        self.widths = widths
         self.users = torch.as_tensor(users)
         self.lengths = torch.tensor([len(h) for h in histories])
         self.history = torch.as_tensor(pad(histories))
@@ -309,9 +319,12 @@ class SequenceSamples(TorchDataset):
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(idx)
         lengths = self.lengths[idx]
+        width = int(lengths.max())
+        if self.widths:
+            width = min([w for w in self.widths if w >= width] or [width])
         batch = {
             "user": self.users[idx],
-            "history": self.history[idx, : int(lengths.max())],
+            "history": self.history[idx, :width],
             "length": lengths,
             "target": self.targets[idx],
         }
@@ -331,7 +344,8 @@ class LengthBucketSampler(Sampler):
     Under DDP (`num_replicas` processes, by default torch.distributed's) each process takes its
     share: in training every `num_replicas`-th batch, the list padded with its first batches so
     that all processes step together; in evaluation every `num_replicas`-th user of the sorted
-    order, without padding, so that each user is scored exactly once.
+    order, without padding, so that each user is scored exactly once. With `full_batches`, a
+    short last training batch is filled up with the epoch's first samples (one batch shape).
     """
 
     def __init__(
@@ -343,8 +357,10 @@ class LengthBucketSampler(Sampler):
         pool: int = 64,
         num_replicas: int | None = None,
         rank: int | None = None,
+        full_batches: bool = False,
     ):
         self.lengths, self.batch_size, self.shuffle = lengths, batch_size, shuffle
+        self.full_batches = full_batches
         self.seed, self.pool = seed, pool
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch, self.position, self.resume_at = 0, 0, 0
@@ -385,6 +401,9 @@ class LengthBucketSampler(Sampler):
             return [order[i : i + b] for i in range(0, len(order), b)]
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         perm = torch.randperm(n, generator=g)
+        if self.full_batches and n % b:
+            perm = torch.cat([perm, perm[: b - n % b]])
+            n = len(perm)
         batches = []
         for start in range(0, n, b * self.pool):
             chunk = perm[start : start + b * self.pool]
@@ -439,12 +458,14 @@ class SequenceDataModule(L.LightningDataModule):
         bucket: bool = True,
         seed: int = 0,
         val_users: int | None = None,
+        fixed_shapes: bool = False,
     ):
         super().__init__()
         self.split, self.batch_size, self.eval_batch_size = split, batch_size, eval_batch_size
-        self.bucket, self.seed = bucket, seed
+        self.bucket, self.seed, self.fixed_shapes = bucket, seed, fixed_shapes
+        widths = history_widths(max_history) if fixed_shapes else None
         self.train_set = SequenceSamples(
-            *training_samples(split.train, max_history, sliding_window)
+            *training_samples(split.train, max_history, sliding_window), widths=widths
         )
         n = len(split.valid[1])
         users = np.arange(n)
@@ -452,15 +473,16 @@ class SequenceDataModule(L.LightningDataModule):
             users = np.sort(np.random.default_rng(seed).choice(n, val_users, replace=False))
         seen = np.unique(np.concatenate(split.train))
         self.valid_set = SequenceSamples(
-            users, [split.valid[0][u] for u in users], split.valid[1][users], seen
+            users, [split.valid[0][u] for u in users], split.valid[1][users], seen, widths
         )
-        self.full_valid_set = SequenceSamples(np.arange(n), *split.valid, seen)
-        self.test_set = SequenceSamples(np.arange(n), *split.test, seen)
+        self.full_valid_set = SequenceSamples(np.arange(n), *split.valid, seen, widths)
+        self.test_set = SequenceSamples(np.arange(n), *split.test, seen, widths)
 
     def _loader(self, data: SequenceSamples, train: bool) -> DataLoader:
         size = self.batch_size if train else self.eval_batch_size
         pool = 64 if self.bucket else 1
-        sampler = LengthBucketSampler(data.lengths, size, train, self.seed, pool)
+        full = train and self.fixed_shapes
+        sampler = LengthBucketSampler(data.lengths, size, train, self.seed, pool, full_batches=full)
         return BucketLoader(data, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:

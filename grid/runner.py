@@ -78,6 +78,22 @@ def check_devices(t: DictConfig) -> None:
         )
 
 
+def resolve_packed(t: DictConfig) -> bool:
+    """`trainer.packed`, null resolved: packed token rows on CPUs, where they win, and the
+    fixed-shape path on GPUs (no host syncs, shapes a compiled graph can replay)."""
+    if t.packed is not None:
+        if not isinstance(t.packed, bool):
+            raise GridError(
+                f"trainer.packed={t.packed!r} is not true, false or null; give "
+                "trainer.packed=false for the fixed-shape path or null to pick by device"
+            )
+        return t.packed
+    cuda = t.accelerator in ("gpu", "cuda") or (
+        t.accelerator == "auto" and torch.cuda.is_available()
+    )
+    return not cuda
+
+
 def model_key(cfg: DictConfig, stages: Stages) -> str:
     """Cache key of a trained model: the stage outputs its generator consumes, data, generator
     and training settings."""
@@ -253,6 +269,8 @@ def _fit(cfg: DictConfig, model: Recommender, datamodule, folder: Path, logger) 
         speed := TrainingSpeed(),
     ]
     trainer = _trainer(cfg, folder, callbacks, logger)
+    if cfg.trainer.compile:
+        model.compile_loss()
     with _interruptible(trainer):
         trainer.fit(model, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
     if not best.is_file():  # no validation ran (e.g. a tiny step budget): keep the final weights
@@ -356,6 +374,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     """
     out = Path(out)
     main = main_process()
+    cfg.trainer.packed = resolve_packed(cfg.trainer)  # the resolved value keys the model
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _clear(out)
@@ -391,9 +410,10 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         t.bucket_by_length,
         cfg.seed,
         t.val_users,
+        fixed_shapes=not t.packed,
     )
     inputs = stages.inputs()
-    model = generator_cls.build(inputs, **params(cfg.generator))
+    model = generator_cls.build(inputs, **params(cfg.generator), packed=t.packed)
     if model.trainable:
         key = model_key(cfg, stages)
         folder = cache.path("model", key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator
@@ -17,6 +18,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from grid.errors import GridError
 from grid.metrics import KS, RankingTotals
 from grid.sids import SemanticIDs
+
+log = logging.getLogger(__name__)
 
 TOP_K_BLOCK = 64  # items summarised by their maximum in `top_k`
 
@@ -111,6 +114,10 @@ class Recommender(L.LightningModule):
     holds `user [B]`, `history [B, T]` (item ids, right-padded with -1), `length [B]` and
     `target [B]`, and in evaluation `warm [B]` (target seen in training). Validation and test
     compute Recall@K and NDCG@K over all items (overall, warm and cold), coverage and entropy.
+
+    `packed=False` is the fixed-shape training path (the default on GPUs): transformer layers
+    run the padded grid instead of packing real tokens, dropout and optimizer steps use torch's
+    fused kernels, and no training step reads a value back to the host.
     """
 
     trainable: bool = True
@@ -129,9 +136,9 @@ class Recommender(L.LightningModule):
         """Construct from the pipeline's inputs and the generator config's fields."""
         return cls(num_items=inputs.num_items, **params)
 
-    def __init__(self, num_items: int, ks: tuple[int, ...] = KS):
+    def __init__(self, num_items: int, ks: tuple[int, ...] = KS, packed: bool = True):
         super().__init__()
-        self.num_items, self.ks = num_items, tuple(ks)
+        self.num_items, self.ks, self.packed = num_items, tuple(ks), packed
         self._totals = RankingTotals(num_items, self.ks)
         self._users = 0
         self._infer_seconds = 0.0
@@ -151,6 +158,53 @@ class Recommender(L.LightningModule):
     def selection_decoding(self) -> dict | None:
         """The fixed inference settings used while `selecting`; None: `recommend` as configured."""
         return None
+
+    def optimizer(self, cls: type = torch.optim.AdamW, **kwargs) -> torch.optim.Optimizer:
+        """`cls` (Adam or AdamW) over all parameters; on the fixed-shape path its fused kernel,
+        whose step counts stay on the device (the others read them on the host every step)."""
+        if not self.packed:
+            kwargs = {**kwargs, "foreach": None, "fused": True}
+        return cls(self.parameters(), **kwargs)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of a batch; by default the full-softmax cross-entropy of the
+        target among `self.scores(batch)` `[B, num_items]`."""
+        return F.cross_entropy(self.scores(batch), batch["target"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log_loss("train/loss", loss, batch, prog_bar=True)
+        return loss
+
+    def compile_loss(self) -> None:
+        """Compile `self.loss` in place as one graph (the module, and so its state_dict keys,
+        stay as they are). If the first compiled call fails, one warning and eager from then on."""
+        eager = self.loss
+        compiled = torch.compile(eager, fullgraph=True, dynamic=False)
+        first = True
+
+        def loss(*args, **kwargs):
+            nonlocal first
+            if not first:
+                return compiled(*args, **kwargs)
+            try:
+                out = compiled(*args, **kwargs)
+            except Exception as error:  # no C++ compiler, an unsupported operator, ...
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                log.warning("trainer.compile: compiling the loss failed (%s); eager", reason)
+                self.loss = eager
+                return eager(*args, **kwargs)
+            first = False
+            return out
+
+        self.loss = loss
+
+    def log_loss(self, name: str, loss: torch.Tensor, batch: dict, prog_bar: bool = False) -> None:
+        """Log a training loss. On the fixed-shape path a copy (a replayed CUDA graph overwrites
+        its outputs), never shown in the progress bar, which would read it every step."""
+        if not self.packed:
+            loss, prog_bar = loss.detach().clone(), False
+        self.log(name, loss, prog_bar=prog_bar, batch_size=len(batch["target"]))
 
     @abstractmethod
     def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:

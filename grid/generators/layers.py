@@ -76,7 +76,9 @@ def packed_rows(n: int) -> int:
 class Layout:
     """Where packed tokens `[N, d]` sit in a padded `[B, T]` grid, and which keys they see.
 
-    Linear layers run on the packed tokens only; attention runs on the padded grid.
+    Linear layers run on the packed tokens only; attention runs on the padded grid. Unpacked
+    layouts (`packed=False`) run every grid position: shapes that do not depend on the data and
+    no host syncs, for GPUs and compiled graphs.
     """
 
     B: int
@@ -89,11 +91,21 @@ class Layout:
     keep: torch.Tensor | None = None  # bool `[B, T]`: the real tokens; None: all
 
     @classmethod
-    def of(cls, keep: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False):
+    def of(
+        cls,
+        keep: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        packed: bool = True,
+    ):
         """The layout of real tokens `keep` `[B, T]`. Without a `mask`, bidirectional layouts
         hide the padded keys; causal ones must be right-padded, so that no real query sees the
         padding and none is needed."""
         B, T = keep.shape
+        if not packed:
+            if mask is None and not causal:
+                mask = keep[:, None, None, :]
+            return cls(B, T, None, mask, causal, keep)
         if bool(keep.all()):
             return cls(B, T, None, mask, causal)
         flat = keep.flatten()
@@ -114,6 +126,13 @@ class Layout:
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(self.B * self.T, -1)
         return x if self.index is None else x.index_select(0, self.index)
+
+    def last_rows(self, count: torch.Tensor) -> torch.Tensor:
+        """Rows `[B]` of each grid row's last real token, for right-padded rows of `count` real
+        tokens: packed rows hold the real tokens first, in grid order."""
+        if self.index is None:
+            return torch.arange(self.B, device=count.device) * self.T + count - 1
+        return count.cumsum(0) - 1
 
 
 def attend(q, k, v, mask=None, causal=False, scale=None, bias=None):
@@ -148,10 +167,18 @@ class Dropout(nn.Dropout):
     """nn.Dropout whose CPU mask costs a fraction of torch's Bernoulli sampler (which, at our
     shapes, took a fifth of a TIGER training step): 16-bit uniform draws from numpy's PCG64,
     seeded from torch's generator (so `torch.manual_seed` and saved RNG states still fix every
-    mask), kept with probability 1 - p to within 2**-16 and rescaled exactly."""
+    mask), kept with probability 1 - p to within 2**-16 and rescaled exactly.
+
+    `numpy_masks=False` (the fixed-shape path) is torch's dropout: the seed is a host read, and
+    numpy cannot be traced into a compiled graph.
+    """
+
+    def __init__(self, p: float = 0.5, numpy_masks: bool = True):
+        super().__init__(p)
+        self.numpy_masks = numpy_masks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
+        if not (self.training and self.p > 0 and self.numpy_masks and x.device.type == "cpu"):
             return super().forward(x)
         dropped = round(self.p * 65536)
         seed = int(torch.randint(2**62, (), dtype=torch.int64))
@@ -175,9 +202,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * x).to(dtype)
+        # one fused kernel on GPUs; on CPUs the same operators as written out, bit for bit
+        return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(dtype)
 
 
 def relative_buckets(rel, bidirectional, num_buckets=T5_BUCKETS, max_distance=T5_MAX_DISTANCE):
@@ -216,12 +242,15 @@ class RelativeBias(nn.Module):
         return self.embed(relative_buckets(rel, self.bidirectional)).movedim(-1, -3)
 
 
-def feed_forward(d_model: int, d_ff: int, layers: int, dropout: float, t5: bool) -> nn.Sequential:
+def feed_forward(
+    d_model: int, d_ff: int, layers: int, dropout: float, t5: bool, packed: bool = True
+) -> nn.Sequential:
     """The block MLP. One hidden layer: d -> d_ff -> d with ReLU and no biases (T5's
     DenseReluDense, with its inner dropout when t5). More: GRID's T5MultiLayerFF (`mlp_layers`),
-    `layers` hidden ReLU layers of d_ff, with biases and a dropout after each later linear."""
+    `layers` hidden ReLU layers of d_ff, with biases and a dropout after each later linear.
+    `packed`: numpy dropout masks on CPUs (see `Dropout`)."""
     if layers == 1:
-        inner = [Dropout(dropout)] if t5 else []
+        inner = [Dropout(dropout, packed)] if t5 else []
         return nn.Sequential(
             nn.Linear(d_model, d_ff, bias=False),
             nn.ReLU(inplace=True),
@@ -231,7 +260,7 @@ def feed_forward(d_model: int, d_ff: int, layers: int, dropout: float, t5: bool)
     dims = [d_ff] * layers + [d_model]
     mods = [nn.Linear(d_model, d_ff)]
     for i in range(1, len(dims)):
-        mods += [nn.ReLU(inplace=True), nn.Linear(dims[i - 1], dims[i]), Dropout(dropout)]
+        mods += [nn.ReLU(inplace=True), nn.Linear(dims[i - 1], dims[i]), Dropout(dropout, packed)]
     return nn.Sequential(*mods)
 
 
@@ -308,9 +337,12 @@ class Block(nn.Module):
     """Pre-norm transformer block: self-attention, optional cross-attention, ReLU MLP.
 
     t5: RMS norms and unscaled attention scores (HF T5); else bias-free LayerNorm and dk**-0.5.
+    packed: numpy dropout masks on CPUs; False for the fixed-shape path (see `Dropout`).
     """
 
-    def __init__(self, d_model, heads, head_dim, d_ff, dropout, cross, t5=False, mlp_layers=1):
+    def __init__(
+        self, d_model, heads, head_dim, d_ff, dropout, cross, t5=False, mlp_layers=1, packed=True
+    ):
         super().__init__()
         norm = RMSNorm if t5 else lambda d: nn.LayerNorm(d, bias=False)
         scale = 1.0 if t5 else None
@@ -322,8 +354,8 @@ class Block(nn.Module):
         else:
             self.cross = None
         self.norm2 = norm(d_model)
-        self.mlp = feed_forward(d_model, d_ff, mlp_layers, dropout, t5)
-        self.drop = Dropout(dropout)
+        self.mlp = feed_forward(d_model, d_ff, mlp_layers, dropout, t5, packed)
+        self.drop = Dropout(dropout, packed)
 
     def forward(self, x, layout: Layout, memory_kv=None, memory_mask=None, bias=None):
         a, k, v = self.attn(self.norm1(x), layout, bias=bias)

@@ -229,7 +229,7 @@ class RPG(Recommender):
             self.pos = nn.Embedding(max_history, hidden)
             self.drop = nn.Dropout(dropout)
             self.blocks = nn.ModuleList(
-                Block(hidden, heads, hidden // heads, d_ff, dropout, cross=False)
+                Block(hidden, heads, hidden // heads, d_ff, dropout, False, packed=self.packed)
                 for _ in range(layers)
             )
             self.norm = nn.LayerNorm(hidden)
@@ -249,13 +249,13 @@ class RPG(Recommender):
         ar = torch.arange(T, device=history.device)
         # right padding under causal attention: real positions never see the padding, so it
         # needs no mask; linear layers skip it (packed tokens)
-        layout = Layout.of(ar < length[:, None], causal=True)
+        layout = Layout.of(ar < length[:, None], causal=True, packed=self.packed)
         items = layout.pack(history[..., None])[:, 0]
         recency = layout.pack((length[:, None] - 1 - ar).clamp(min=0)[..., None])[:, 0]  # 0: latest
         x = self.drop(self.item_inputs(items) + self.pos(recency))
         with self._autocast():
             # only the state after each row's last item is read
-            x = last_states(self.blocks, x, layout, length.cumsum(0) - 1)
+            x = last_states(self.blocks, x, layout, layout.last_rows(length))
         return self.norm(x)
 
     def _autocast(self):
@@ -316,12 +316,10 @@ class RPG(Recommender):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._graph = None  # the graph follows the code embeddings
-        loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
-        return loss
+        return super().training_step(batch, batch_idx)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = self.optimizer(lr=self.lr, weight_decay=self.weight_decay)
         total = self.trainer.estimated_stepping_batches
         warmup = self.warmup_steps
 

@@ -77,6 +77,7 @@ class SASRec(Recommender):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         ks: tuple[int, ...] = KS,
+        packed: bool = True,
     ):
         self.check_params(
             hidden=hidden,
@@ -87,7 +88,7 @@ class SASRec(Recommender):
             lr=lr,
             weight_decay=weight_decay,
         )
-        super().__init__(num_items, ks)
+        super().__init__(num_items, ks, packed)
         self.save_hyperparameters()
         self.max_history, self.lr, self.weight_decay = max_history, lr, weight_decay
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=num_items)  # last row: pad
@@ -133,10 +134,5 @@ class SASRec(Recommender):
     def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
         return top_k_items(self.scores(batch), k)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = F.cross_entropy(self.scores(batch), batch["target"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
-        return loss
-
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return self.optimizer(torch.optim.Adam, lr=self.lr, weight_decay=self.weight_decay)

@@ -97,6 +97,7 @@ class SETRec(Recommender):
         weight_decay: float = 0.0,
         bf16: bool = True,
         ks: tuple[int, ...] = KS,
+        packed: bool = True,
     ):
         self.check_params(
             semantic_tokens=semantic_tokens,
@@ -111,7 +112,7 @@ class SETRec(Recommender):
             lr=lr,
             weight_decay=weight_decay,
         )
-        super().__init__(len(text_embeddings), ks)
+        super().__init__(len(text_embeddings), ks, packed)
         if len(cf_embeddings) != len(text_embeddings):
             raise GridError(
                 f"setrec: {len(cf_embeddings)} CF embeddings for {len(text_embeddings)} items; "
@@ -202,22 +203,29 @@ class SETRec(Recommender):
         with self._autocast():
             logits = torch.bmm(out.transpose(0, 1), tokens.permute(1, 2, 0))  # [N + 1, B, I]
         ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].repeat(self.dims))
-        seen = batch["history"].unique()
-        seen = seen[seen >= 0]
-        recon = F.mse_loss(self.decoder(latent[seen].float()), self.text[seen])
+        if self.packed:
+            seen = batch["history"].unique()
+            seen = seen[seen >= 0]
+            recon = F.mse_loss(self.decoder(latent[seen].float()), self.text[seen])
+        else:  # the same mean through a mask over all items: no data-dependent shape
+            history = batch["history"].flatten()
+            seen = latent.new_zeros(self.num_items + 1, dtype=torch.float32)
+            seen = seen.index_fill(0, torch.where(history < 0, self.num_items, history), 1.0)
+            seen = seen[:-1]
+            error = (self.decoder(latent.float()) - self.text).pow(2).mean(1)
+            recon = (error * seen).sum() / seen.sum()
         return ce, recon
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ce, recon = self.loss(batch)
         loss = ce + self.alpha * recon
-        size = len(batch["target"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/ce", ce, batch_size=size)
-        self.log("train/recon", recon, batch_size=size)
+        self.log_loss("train/loss", loss, batch, prog_bar=True)
+        self.log_loss("train/ce", ce, batch)
+        self.log_loss("train/recon", recon, batch)
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return self.optimizer(torch.optim.Adam, lr=self.lr, weight_decay=self.weight_decay)
 
     # --- inference -----------------------------------------------------------------------------
 

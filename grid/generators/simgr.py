@@ -148,7 +148,8 @@ class SimGR(Recommender):
         self.pos = nn.Embedding(max_history * L, d_model)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(d_model, num_heads, head_dim, d_ff, dropout, cross=False) for _ in range(layers)
+            Block(d_model, num_heads, head_dim, d_ff, dropout, cross=False, packed=self.packed)
+            for _ in range(layers)
         )
         self.norm = nn.LayerNorm(d_model, bias=False)
         self.aggregate = TokenAggregation(aggregation, L, d_model)
@@ -177,13 +178,13 @@ class SimGR(Recommender):
         count = length * self.levels
         ar = torch.arange(S, device=tokens.device)
         # Right padding under a causal mask: no real token sees a pad, so no key mask is needed.
-        layout = Layout.of(ar < count[:, None], causal=True)
+        layout = Layout.of(ar < count[:, None], causal=True, packed=self.packed)
         # Positions count back from the most recent token, as in SASRec.
         pos = (count[:, None] - 1 - ar).clamp(min=0)
         x = self.drop(self.embed(layout.pack(tokens)[:, 0]) + self.pos(layout.pack(pos)[:, 0]))
         with self._autocast():
             # only each row's last token is read
-            x = last_states(self.blocks, x, layout, count.cumsum(0) - 1)
+            x = last_states(self.blocks, x, layout, layout.last_rows(count))
         return self.norm(x)
 
     def _autocast(self):
@@ -200,13 +201,8 @@ class SimGR(Recommender):
         user = self.user_embeddings(batch["history"], batch["length"])
         return self.inner_products(user, self.item_embeddings()) / self.tau
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = F.cross_entropy(self.scores(batch), batch["target"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
-        return loss
-
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return self.optimizer(lr=self.lr, weight_decay=self.weight_decay)
 
     # --- inference -----------------------------------------------------------------------------
 

@@ -40,6 +40,8 @@ PARAM_RANGES = {
     "beam_width": "[1, inf)",
     "mlp_layers": "[1, inf)",
 }
+
+
 def user_bucket(user: torch.Tensor, buckets: int) -> torch.Tensor:
     """Hash user ids into `buckets` (multiplicative hashing, so neighbouring ids spread out)."""
     return (user * 2654435761) % (2**32) % buckets
@@ -139,7 +141,8 @@ class TIGER(Recommender):
         self.bos = self.pad + 1
         self.sep = self.bos + 1 if item_separator else None  # after each history item
         self.register_buffer("item_codes", torch.as_tensor(sids.codes), persistent=False)
-        item_tokens = self.item_codes + torch.tensor(offsets[:-1])
+        self.register_buffer("sid_offsets", torch.tensor(offsets[:-1]), persistent=False)
+        item_tokens = self.item_codes + self.sid_offsets
         if item_separator:
             item_tokens = F.pad(item_tokens, (0, 1), value=self.sep)
         width = self.item_width = item_tokens.shape[1]
@@ -162,9 +165,9 @@ class TIGER(Recommender):
             torch.manual_seed(seed)
             prompt = (user_tokens > 0) + max_history * width
             self.embed = nn.Embedding(self.bos + 1 + item_separator, d_model)
-            self.drop = Dropout(dropout)
+            self.drop = Dropout(dropout, self.packed)
             args = (d_model, num_heads, head_dim, d_ff, dropout)
-            kw = dict(t5=t5, mlp_layers=mlp_layers)
+            kw = dict(t5=t5, mlp_layers=mlp_layers, packed=self.packed)
             norm = RMSNorm if t5 else lambda d: nn.LayerNorm(d, bias=False)
             if architecture == "encoder_decoder":
                 if t5:
@@ -218,7 +221,7 @@ class TIGER(Recommender):
         return tokens, count
 
     def _sid_tokens(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes + torch.tensor(self.offsets[:-1], device=codes.device)
+        return codes + self.sid_offsets
 
     def _level_logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
         w = self.head.weight[self.offsets[level] : self.offsets[level + 1]]
@@ -229,9 +232,8 @@ class TIGER(Recommender):
     def _encode(self, tokens, count):
         """Packed encoder states `[N, d]` and their layout."""
         ar = torch.arange(tokens.shape[1], device=tokens.device)
-        keep = ar < count[:, None]
-        keep[:, 0] = True  # an empty history still attends to something
-        layout = Layout.of(keep)
+        keep = (ar < count[:, None]) | (ar == 0)  # an empty history still attends to something
+        layout = Layout.of(keep, packed=self.packed)
         x = self.embed(layout.pack(tokens)[:, 0])
         bias = None
         if self.t5:  # positions count from the first token; padding sits after the last
@@ -257,7 +259,7 @@ class TIGER(Recommender):
         # padded queries see themselves so no softmax row is empty
         eye = torch.eye(len(ar), dtype=torch.bool, device=ar.device)
         mask = (ar[:, None] >= ar[None]) & keep[:, None, :] | eye
-        layout = Layout.of(keep, mask=mask[:, None])
+        layout = Layout.of(keep, mask=mask[:, None], packed=self.packed)
         x = self.embed(layout.pack(seq)[:, 0])
         bias = None
         if self.t5:  # grid offsets are offsets between real tokens: the left padding cancels out
@@ -302,15 +304,8 @@ class TIGER(Recommender):
         losses = [F.cross_entropy(x.float(), codes[:, level]) for level, x in enumerate(logits)]
         return sum(losses) / self.levels
 
-    def training_step(self, batch, batch_idx):
-        loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
-        return loss
-
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(
-            self.parameters(), lr=self.lr, weight_decay=self.weight_decay, foreach=True
-        )
+        opt = self.optimizer(lr=self.lr, weight_decay=self.weight_decay, foreach=True)
         if not self.warmup_steps and self.lr_decay == "constant":
             return opt
         total = max(self.trainer.estimated_stepping_batches, self.warmup_steps + 1)
