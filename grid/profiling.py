@@ -28,7 +28,10 @@ HOST_COPY_OPS = {aten.lift_fresh}
 
 
 def is_view(func) -> bool:
-    """True for operators that return a view of an input: no kernel runs for them."""
+    """True for operators that return a view of an input, or like `_unsafe_view` (what a
+    reshape returns for a fresh tensor) only new metadata: no kernel runs for them."""
+    if func.overloadpacket is aten._unsafe_view:
+        return True
     returns = func._schema.returns
     return bool(returns) and all(
         r.alias_info is not None and not r.alias_info.is_write for r in returns

@@ -132,19 +132,21 @@ def test_operator_counter_flags_host_reads():
     assert "view" not in counter.ops
 
 
-def test_tiger_loss_compiles_as_one_graph(data, sids):
-    """`trainer.compile` compiles the loss with fullgraph=True: it must trace without a break."""
+@pytest.mark.parametrize("name", ["tiger", "rpg", "simgr"])
+def test_fixed_shape_losses_trace_as_one_graph(name, data, sids):
+    """`trainer.compile` compiles the loss with fullgraph=True: it must trace without a break
+    (RPG's and SimGR's bf16-input matmul setting included)."""
     dm = SequenceDataModule(data, batch_size=64, fixed_shapes=True)
     batch = next(iter(dm.train_dataloader()))
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(generators(sids)["tiger"](False).loss)(batch)
+    explained = torch._dynamo.explain(generators(sids)[name](False).loss)(batch)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
 
 
 def test_compile_keeps_the_state_dict_and_falls_back_with_one_warning(
     sids, data, monkeypatch, caplog
 ):
-    model = generators(sids)["sasrec"](False)
+    model = generators(sids)["sasrec"](False).eval()  # no dropout: the same loss twice
     keys = list(model.state_dict())
     batch = next(iter(SequenceDataModule(data, batch_size=8).train_dataloader()))
     eager = model.loss(batch)

@@ -29,8 +29,9 @@ def bf16_matmuls(enabled: bool = True) -> Iterator[None]:
     """float32 matmuls computed from bf16-rounded inputs but accumulated and returned in float32
     (`torch.set_float32_matmul_precision("medium")`: oneDNN's bf32 on CPUs with bf16 dot
     products, TF32 on GPUs): bf16 speed without rounding the results to bf16, which would tie
-    scores that ranking must tell apart."""
-    if not enabled:
+    scores that ranking must tell apart. Inside a compiled graph it changes nothing: the global
+    setting cannot be traced, and the graph keeps the precision in force (`high`: TF32)."""
+    if not enabled or torch.compiler.is_compiling():
         yield
         return
     before = torch.get_float32_matmul_precision()
