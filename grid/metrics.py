@@ -62,15 +62,18 @@ class RankingTotals:
             flags = {} if warm is None else {"warm": warm}
             self.rows.append({"user": user, **flags, **per_user})
         per_user["users"] = torch.ones_like(target, dtype=torch.float64)
+        # group sums through 0/1 weights and counts through index_add_: no boolean indexing or
+        # bincount, whose data-dependent sizes make a GPU wait for the host
         groups = {"": None} if warm is None else {"": None, "warm/": warm, "cold/": ~warm}
         for prefix, mask in groups.items():
+            weight = None if mask is None else mask.double()
             for name, values in per_user.items():
-                total = (values if mask is None else values[mask]).double().sum()
+                values = values.double()
+                total = (values if weight is None else values * weight).sum()
                 self.sums[prefix + name] = self.sums.get(prefix + name, 0.0) + total
         for row, k in enumerate(self.ks):
             top = ranked[:, :k].flatten()
-            top = top[top >= 0]
-            self.counts[row] += torch.bincount(top, minlength=self.num_items).to(self.counts)
+            self.counts[row].index_add_(0, top.clamp(min=0), (top >= 0).to(self.counts.dtype))
 
     def reduce(self, fn) -> None:
         """Replace every total by `fn(total)`, e.g. a sum across processes."""

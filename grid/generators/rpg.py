@@ -428,9 +428,11 @@ class RPG(Recommender):
         h = self.user_state(batch["history"], batch["length"])
         if self._graph_decoding:
             return self.graph_top_k(h, batch["user"], k)
-        # the heads for the whole batch (their weights are read once), then SCORE_USERS at a
-        # time: their code table stays in a core's cache while items gather
-        states = self.unit_states(h).split(SCORE_USERS, 1)
+        # the heads for the whole batch (their weights are read once), then on a CPU SCORE_USERS
+        # at a time: their code table stays in a core's cache while items gather (a GPU takes
+        # the whole batch at once)
+        users = SCORE_USERS if h.device.type == "cpu" else len(h)
+        states = self.unit_states(h).split(users, 1)
         return torch.cat([self.exact_top_k(self.code_table(s), k) for s in states])
 
     def _eval_start(self) -> None:
