@@ -1,4 +1,4 @@
-"""The `grid` command line: run, sweep, report, config show, tokenize."""
+"""The `grid` command line: run, sweep, report, config show, tokenize, data fetch."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ EPILOG = """examples:
   grid run experiments/grid_handbook/beauty_rkmeans_tiger_constrained.yaml --out runs/handbook
   grid config show tokenizer=opq
   grid tokenize tokenizer=opq --out runs/opq
+  grid tokenize --compare rkmeans rvq opq
+  grid data fetch beauty                     real item text (then: grid run data.text=metadata)
   grid sweep experiments/grid_handbook/sweep_t1_tokenizer.yaml --dry-run
   grid report runs/sweep --baseline generator.name=sasrec"""
 
@@ -152,6 +154,14 @@ def cmd_tokenize(ns: argparse.Namespace) -> None:
         tokenize_command(cfgs[""], ns.out)
 
 
+def cmd_data_fetch(ns: argparse.Namespace) -> None:
+    from grid.config import compose
+    from grid.metadata import describe, fetch
+
+    cfg = compose(overrides=[f"data={ns.name}", *ns.args])
+    print(describe(fetch(cfg.data, ns.name, url=ns.url, source=ns.source), ns.name))
+
+
 def cmd_report(ns: argparse.Namespace) -> None:
     from grid.report import report
 
@@ -235,6 +245,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="folder for tokenizer_report.json and the SIDs")
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("data", help="fetch dataset files", description="Fetch files for a dataset.")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    fetch = dsub.add_parser(
+        "fetch",
+        help="real item text for an Amazon 2014 dataset (then run with data.text=metadata)",
+        description="Download the dataset's public metadata (data.metadata_url), join it to the "
+        "catalogue by ASIN and write the items with title, brand, categories, price and "
+        "description to the user's data folder (GRID_DATA, default ~/.local/share/grid); "
+        "runs read it with data.text=metadata.",
+    )
+    fetch.add_argument("name", metavar="NAME", help="data config: beauty, sports or toys")
+    fetch.add_argument("args", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. data.path=")
+    fetch.add_argument("--url", help="download from this URL instead of data.metadata_url")
+    fetch.add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE",
+        help="read a metadata file downloaded by hand (meta_<Category>.json[.gz]) instead",
+    )
+    fetch.set_defaults(func=cmd_data_fetch)
 
     p = sub.add_parser(
         "report",
