@@ -139,19 +139,51 @@ def cmd_config_show(ns: argparse.Namespace) -> None:
     print(to_yaml(compose(*_split_args(ns.args))), end="")
 
 
+def _compare_configs(entries: list[str], args: list[str]) -> dict:
+    """`--compare` entries by label: experiment files (with the overrides) or tokenizer names
+    (the optional experiment file with the overrides and `tokenizer=NAME`)."""
+    from grid.config import available, compose
+
+    experiment, overrides = _split_args(args)
+    names, cfgs = available("tokenizer"), {}
+    for entry in entries:
+        if Path(entry).is_file():
+            if experiment:
+                raise GridError(
+                    f"--compare {entry} is an experiment file, and so is {experiment}; give "
+                    f"experiment files only after --compare"
+                )
+            label, cfg = Path(entry).stem, compose(entry, overrides)
+        elif entry in names:
+            label, cfg = entry, compose(experiment, [*overrides, f"tokenizer={entry}"])
+        else:
+            raise GridError(
+                f"--compare {entry!r} is neither an experiment file nor a tokenizer; give a YAML "
+                f"path or one of {', '.join(names)}"
+            )
+        if label in cfgs:
+            raise GridError(f"--compare names {label!r} twice; give each tokenizer once")
+        cfgs[label] = cfg
+    return cfgs
+
+
 def cmd_tokenize(ns: argparse.Namespace) -> None:
     from grid.config import compose
     from grid.tokenize import compare, tokenize_command
 
     if ns.compare:
-        cfgs = {Path(e).stem: compose(e, ns.args) for e in ns.compare}
+        cfgs = _compare_configs(ns.compare, ns.args)
     else:
         cfgs = {"": compose(*_split_args(ns.args))}
-    _check_folders(cfgs.values(), Path(ns.out) if ns.out else None)
+    first = next(iter(cfgs.values()))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    what = "compare" if ns.compare else first.tokenizer.name
+    out = Path(ns.out or Path("runs") / f"{stamp}-{first.data.name}-tokenize-{what}")
+    _check_folders(cfgs.values(), out)
     if ns.compare:
-        compare(cfgs, ns.out)
+        compare(cfgs, out)
     else:
-        tokenize_command(cfgs[""], ns.out)
+        tokenize_command(cfgs[""], out)
 
 
 def cmd_data_fetch(ns: argparse.Namespace) -> None:
@@ -234,16 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenize",
         help="fit a tokenizer and report SID quality",
         description="Fit and encode the configured tokenizer on the run's "
-        "embeddings; print and write the tokenizer quality report.",
+        "embeddings; print and write the tokenizer quality report, a picture of its code usage "
+        "per level and collision-group sizes (tokenizer_report.png) and the SIDs.",
     )
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=overrides)
     p.add_argument(
         "--compare",
         nargs="+",
-        metavar="CONFIG",
-        help="compare several experiment YAMLs side by side",
+        metavar="TOKENIZER|CONFIG",
+        help="compare tokenizers (names like rkmeans opq, or experiment YAMLs) side by side",
     )
-    p.add_argument("--out", help="folder for tokenizer_report.json and the SIDs")
+    p.add_argument(
+        "--out", help="folder for the report, its PNG and the SIDs (default runs/<time>-...)"
+    )
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("data", help="fetch dataset files", description="Fetch files for a dataset.")
