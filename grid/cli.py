@@ -292,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
         "runs read it with data.text=metadata.",
     )
     fetch.add_argument("name", metavar="NAME", help="data config: beauty, sports or toys")
-    fetch.add_argument("args", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. data.path=")
+    fetch.add_argument(
+        "args", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. data.path=FOLDER"
+    )
     fetch.add_argument("--url", help="download from this URL instead of data.metadata_url")
     fetch.add_argument(
         "--from",

@@ -203,6 +203,7 @@ def _plot_usage(ax, report: dict, codes: np.ndarray) -> None:
     if len(usage) > SUMMARY_ABOVE and len(set(vocab)) == 1:
         stack, rank = np.stack(usage), np.arange(1, vocab[0] + 1)
         low, q1, median, q3, high = np.percentile(stack, [0, 25, 50, 75, 100], axis=0)
+        # unused codes (0 items) sit at 0.5 on the log axis, so the bands reach them
         ax.fill_between(rank, np.maximum(low, 0.5), high, alpha=0.2, color="C0", label="min-max")
         ax.fill_between(rank, np.maximum(q1, 0.5), q3, alpha=0.4, color="C0", label="25-75%")
         ax.plot(rank, median, color="C0", label=f"median of {len(usage)} {what}s")
