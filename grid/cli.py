@@ -1,4 +1,4 @@
-"""The `grid` command line: run, sweep, report, config show, tokenize."""
+"""The `grid` command line: run, sweep, report, config show, tokenize, data fetch."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ EPILOG = """examples:
   grid run experiments/grid_handbook/beauty_rkmeans_tiger_constrained.yaml --out runs/handbook
   grid config show tokenizer=opq
   grid tokenize tokenizer=opq --out runs/opq
+  grid tokenize --compare rkmeans rvq opq
+  grid data fetch beauty                     real item text (then: grid run data.text=metadata)
   grid sweep experiments/grid_handbook/sweep_t1_tokenizer.yaml --dry-run
   grid report runs/sweep --baseline generator.name=sasrec"""
 
@@ -137,19 +139,59 @@ def cmd_config_show(ns: argparse.Namespace) -> None:
     print(to_yaml(compose(*_split_args(ns.args))), end="")
 
 
+def _compare_configs(entries: list[str], args: list[str]) -> dict:
+    """`--compare` entries by label: experiment files (with the overrides) or tokenizer names
+    (the optional experiment file with the overrides and `tokenizer=NAME`)."""
+    from grid.config import available, compose
+
+    experiment, overrides = _split_args(args)
+    names, cfgs = available("tokenizer"), {}
+    for entry in entries:
+        if Path(entry).is_file():
+            if experiment:
+                raise GridError(
+                    f"--compare {entry} is an experiment file, and so is {experiment}; give "
+                    f"experiment files only after --compare"
+                )
+            label, cfg = Path(entry).stem, compose(entry, overrides)
+        elif entry in names:
+            label, cfg = entry, compose(experiment, [*overrides, f"tokenizer={entry}"])
+        else:
+            raise GridError(
+                f"--compare {entry!r} is neither an experiment file nor a tokenizer; give a YAML "
+                f"path or one of {', '.join(names)}"
+            )
+        if label in cfgs:
+            raise GridError(f"--compare names {label!r} twice; give each tokenizer once")
+        cfgs[label] = cfg
+    return cfgs
+
+
 def cmd_tokenize(ns: argparse.Namespace) -> None:
     from grid.config import compose
     from grid.tokenize import compare, tokenize_command
 
     if ns.compare:
-        cfgs = {Path(e).stem: compose(e, ns.args) for e in ns.compare}
+        cfgs = _compare_configs(ns.compare, ns.args)
     else:
         cfgs = {"": compose(*_split_args(ns.args))}
-    _check_folders(cfgs.values(), Path(ns.out) if ns.out else None)
+    first = next(iter(cfgs.values()))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    what = "compare" if ns.compare else first.tokenizer.name
+    out = Path(ns.out or Path("runs") / f"{stamp}-{first.data.name}-tokenize-{what}")
+    _check_folders(cfgs.values(), out)
     if ns.compare:
-        compare(cfgs, ns.out)
+        compare(cfgs, out)
     else:
-        tokenize_command(cfgs[""], ns.out)
+        tokenize_command(cfgs[""], out)
+
+
+def cmd_data_fetch(ns: argparse.Namespace) -> None:
+    from grid.config import compose
+    from grid.metadata import describe, fetch
+
+    cfg = compose(overrides=[f"data={ns.name}", *ns.args])
+    print(describe(fetch(cfg.data, ns.name, url=ns.url, source=ns.source), ns.name))
 
 
 def cmd_report(ns: argparse.Namespace) -> None:
@@ -224,17 +266,43 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenize",
         help="fit a tokenizer and report SID quality",
         description="Fit and encode the configured tokenizer on the run's "
-        "embeddings; print and write the tokenizer quality report.",
+        "embeddings; print and write the tokenizer quality report, a picture of its code usage "
+        "per level and collision-group sizes (tokenizer_report.png) and the SIDs.",
     )
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help=overrides)
     p.add_argument(
         "--compare",
         nargs="+",
-        metavar="CONFIG",
-        help="compare several experiment YAMLs side by side",
+        metavar="TOKENIZER|CONFIG",
+        help="compare tokenizers (names like rkmeans opq, or experiment YAMLs) side by side",
     )
-    p.add_argument("--out", help="folder for tokenizer_report.json and the SIDs")
+    p.add_argument(
+        "--out", help="folder for the report, its PNG and the SIDs (default runs/<time>-...)"
+    )
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("data", help="fetch dataset files", description="Fetch files for a dataset.")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    fetch = dsub.add_parser(
+        "fetch",
+        help="real item text for an Amazon 2014 dataset (then run with data.text=metadata)",
+        description="Download the dataset's public metadata (data.metadata_url), join it to the "
+        "catalogue by ASIN and write the items with title, brand, categories, price and "
+        "description to the user's data folder (GRID_DATA, default ~/.local/share/grid); "
+        "runs read it with data.text=metadata.",
+    )
+    fetch.add_argument("name", metavar="NAME", help="data config: beauty, sports or toys")
+    fetch.add_argument(
+        "args", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. data.path=FOLDER"
+    )
+    fetch.add_argument("--url", help="download from this URL instead of data.metadata_url")
+    fetch.add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE",
+        help="read a metadata file downloaded by hand (meta_<Category>.json[.gz]) instead",
+    )
+    fetch.set_defaults(func=cmd_data_fetch)
 
     p = sub.add_parser(
         "report",

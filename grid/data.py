@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,15 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
+from grid.config import available, load_group
 from grid.errors import GridError
 
 log = logging.getLogger(__name__)
 
 MIN_INTERACTIONS = 3  # leave-one-out needs one training, one validation and one test item
+TEXT_SOURCES = ("pseudo", "metadata")  # `data.text`: the bundled items, or `grid data fetch`'s
+# `data` fields that say where the files are; what they hold is in `Dataset.fingerprint`.
+SOURCE_FIELDS = ("path", "text", "metadata_url", "metadata_sha256")
 
 
 @dataclass
@@ -170,12 +175,15 @@ def _drop_short(name: str, users: list[str], sequences: list[np.ndarray]):
     return [users[i] for i in keep], [sequences[i] for i in keep]
 
 
-def load_sequences(path: str | Path, name: str | None = None) -> Dataset:
-    """Load a folder in the plain format (sequences.tsv + items.jsonl, optionally gzipped)."""
+def load_sequences(
+    path: str | Path, name: str | None = None, items_file: Path | None = None
+) -> Dataset:
+    """Load a folder in the plain format (sequences.tsv + items.jsonl, optionally gzipped);
+    `items_file` replaces the folder's items.jsonl."""
     path = Path(path)
     if not path.is_dir():
         raise GridError(f"data folder {path} does not exist; set data.path to a dataset folder")
-    items_file, seq_file = _find(path, "items.jsonl"), _find(path, "sequences.tsv")
+    items_file, seq_file = items_file or _find(path, "items.jsonl"), _find(path, "sequences.tsv")
     item_ids, items = read_items(items_file)
     users, sequences = read_sequences(seq_file, {i: k for k, i in enumerate(item_ids)})
     name = name or path.name
@@ -213,11 +221,51 @@ def load_movielens(path: str | Path, name: str | None = None, min_rating: float 
 LOADERS = {"sequences": load_sequences, "movielens": load_movielens}
 
 
+def user_data_dir() -> Path:
+    """The user's data folder, where `grid data fetch` writes: `GRID_DATA`, else
+    `$XDG_DATA_HOME/grid` (`~/.local/share/grid`); never the bundled `data/`."""
+    if "GRID_DATA" in os.environ:
+        return Path(os.environ["GRID_DATA"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "grid"
+
+
+def fetched_items_file(name: str) -> Path:
+    """The item file with real text that `grid data fetch` writes for dataset `name`."""
+    return user_data_dir() / name / "items.jsonl.gz"
+
+
+def _metadata_items(cfg) -> Path:
+    """The fetched item file a `data.text=metadata` config reads; it must exist."""
+    if "metadata_url" not in cfg:
+        raise GridError(
+            f"data.text=metadata: {cfg.name} has no metadata to fetch (no data.metadata_url); "
+            f"use data.text=pseudo"
+        )
+    items_file = fetched_items_file(cfg.name)
+    if not items_file.is_file():
+        choice = next(
+            (n for n in available("data") if load_group("data", n).get("name") == cfg.name),
+            cfg.name,
+        )
+        raise GridError(
+            f"data.text=metadata but {items_file} does not exist; run `grid data fetch {choice}` "
+            f"first (or use data.text=pseudo)"
+        )
+    return items_file
+
+
 def load_dataset(cfg) -> Dataset:
-    """Load the dataset a `data` config describes."""
+    """Load the dataset a `data` config describes; `data.text=metadata` reads the item file
+    with real text that `grid data fetch` wrote to the user's data folder."""
     if cfg.format not in LOADERS:
         raise GridError(f"unknown data.format {cfg.format!r}; choose one of {sorted(LOADERS)}")
+    text = cfg.get("text", "pseudo")
+    if text not in TEXT_SOURCES:
+        raise GridError(f"data.text={text!r} is not one of {', '.join(TEXT_SOURCES)}; pick one")
     kwargs = {"min_rating": cfg.min_rating} if cfg.format == "movielens" else {}
+    if text == "metadata":
+        kwargs["items_file"] = _metadata_items(cfg)
     return LOADERS[cfg.format](cfg.path, name=cfg.name, **kwargs)
 
 

@@ -328,7 +328,8 @@ def write_csv(path: Path, configs: list[Configuration], columns: list[str]) -> N
             writer.writerow(row + [c.p.get(m, math.nan) for m in PAIRED])
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -339,7 +340,7 @@ def _pyplot():
 
 def plot_metric(path: Path, configs: list[Configuration], metric: str) -> None:
     """`metric` per configuration: mean with a ±std error bar and one dot per seed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(configs) + 2), 3.6), dpi=100)
     for i, c in enumerate(configs):
         seeds = [r.metrics[metric] for r in c.runs if metric in r.metrics]
@@ -357,7 +358,7 @@ def plot_metric(path: Path, configs: list[Configuration], metric: str) -> None:
 
 def plot_speed(path: Path, configs: list[Configuration], metric: str) -> None:
     """`metric` against inference users/s (log axis), ±std both ways, one point per config."""
-    plt = _pyplot()
+    plt = pyplot()
     speed = TIMINGS[0]
     fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=100)
     for c in configs:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from grid.cache import StageCache, stage_key
 from grid.config import to_yaml
-from grid.data import SequenceDataModule
+from grid.data import SOURCE_FIELDS, SequenceDataModule
 from grid.errors import GridError
 from grid.generators import GENERATORS, Popularity, Recommender
 from grid.metrics import KS
@@ -97,7 +97,7 @@ def resolve_packed(t: DictConfig) -> bool:
 def model_key(cfg: DictConfig, stages: Stages) -> str:
     """Cache key of a trained model: the stage outputs its generator consumes, data, generator
     and training settings."""
-    data = {k: v for k, v in OmegaConf.to_container(cfg.data).items() if k != "path"}
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data).items() if k not in SOURCE_FIELDS}
     generator = {k: v for k, v in params(cfg.generator).items() if k not in INFERENCE_FIELDS}
     trainer = {
         k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if k not in TRAINER_EVAL_FIELDS

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import pytest
 
@@ -127,7 +128,7 @@ REPORT_KEYS = [
 ]
 
 
-def test_tokenize_writes_report_and_compares(small_beauty, cache, tmp_path, capsys):
+def test_tokenize_writes_report_and_compares(small_beauty, cache, tmp_path, capsys, monkeypatch):
     data = [f"data.path={small_beauty}", f"cache_dir={cache}", "data=custom"]
     out = tmp_path / "tok"
     args = ["tokenize", *data, "tokenizer=opq", "tokenizer.subspaces=8", "--out", str(out)]
@@ -136,13 +137,29 @@ def test_tokenize_writes_report_and_compares(small_beauty, cache, tmp_path, caps
     assert all(k in report for k in REPORT_KEYS)
     assert report["sid_length"] == 9 and len(report["utilization"]) == 8  # 8 codes + de-dup
     assert (out / "sids.npz").is_file()
+    assert matplotlib.image.imread(out / "tokenizer_report.png").shape[:2] == (750, 500)
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text("defaults:\n  tokenizer: rkmeans\ntokenizer:\n  codebook_size: 16\n")
     b.write_text("defaults:\n  tokenizer: rkmeans\ntokenizer:\n  codebook_size: 32\n")
     capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # the default output folder goes to runs/ here
     assert main(["tokenize", *data, "--compare", str(a), str(b)]) == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert "a" in header.split() and "b" in header.split()
+    (folder,) = (tmp_path / "runs").glob("*-custom-tokenize-compare")
+    assert matplotlib.image.imread(folder / "tokenizer_comparison.png").shape[:2] == (750, 1000)
+
+    # tokenizer names and experiment files mix; the overrides apply to every entry
+    names = ["--compare", "rkmeans", str(a), "opq", "--out", str(tmp_path / "mixed")]
+    assert main(["tokenize", *data, "tokenizer.codebook_size=16", *names]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header[1:] == ["|", "rkmeans", "|", "a", "|", "opq"]
+    reports = json.loads((tmp_path / "mixed" / "tokenizer_comparison.json").read_text())
+    assert reports["opq"]["vocab_sizes"] == [16] * 32 and reports["rkmeans"]["sid_length"] == 4
+    image = matplotlib.image.imread(tmp_path / "mixed" / "tokenizer_comparison.png")
+    assert image.shape[:2] == (750, 1500)
+    assert main(["tokenize", *data, "--compare", "rkmeans", "rkmean"]) == 2
+    assert "'rkmean' is neither an experiment file nor a tokenizer" in one_error_line(capsys)
 
 
 @pytest.fixture

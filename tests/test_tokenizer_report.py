@@ -10,7 +10,15 @@ import pytest
 
 from grid.sids import assign_sids
 from grid.tokenizers.base import Tokenizer
-from grid.tokenizers.report import format_comparison, format_report, gini, tokenizer_report
+from grid.tokenizers.report import (
+    collision_groups,
+    format_comparison,
+    format_report,
+    gini,
+    plot_tokenizers,
+    sorted_usage,
+    tokenizer_report,
+)
 
 CODES = np.array([[0, 0], [0, 0], [1, 1], [1, 2], [2, 2]])
 
@@ -84,3 +92,27 @@ def test_formatting_lists_every_metric(X):
     side = format_comparison({"first": r, "second": {**r, "gini": 0.5}})
     assert "first" in side.splitlines()[0] and "second" in side.splitlines()[0]
     assert "0.5" in next(line for line in side.splitlines() if line.startswith("gini"))
+
+
+def test_usage_and_collision_groups_by_hand():
+    # level 0: codes 0, 1, 2 hold 2, 2, 1 items; level 1: codes 0, 1, 2 hold 2, 1, 2
+    usage = sorted_usage(CODES, (4, 4))
+    assert [u.tolist() for u in usage] == [[2, 2, 1, 0], [2, 2, 1, 0]]
+    # code tuples (0,0) x2, (1,1), (1,2), (2,2): 3 items alone, 2 in a group of 2
+    assert collision_groups(CODES, 3).tolist() == [3, 2, 0]
+    sizes = np.array([[0]] * 5 + [[1]] * 3 + [[2]] + [[3]] * 2)  # groups of 5, 3, 1, 2
+    assert collision_groups(sizes, 4).tolist() == [1, 2, 3, 5]  # bins 1, 2, 3-4, 5-8
+
+
+def test_plot_has_one_column_per_tokenizer(X, tmp_path):
+    import matplotlib.image
+
+    r = tokenizer_report(Stub(X), X, CODES, assign_sids(CODES, (4, 4), "dedup"), 0.1, 0.2)
+    many = np.random.default_rng(0).integers(0, 4, size=(200, 12))  # 12 subspaces: a band
+    wide = {**r, "tokenizer": "opq", "ordered": False, "vocab_sizes": [4] * 12}
+    wide["max_collision_group"] = int(np.unique(many, axis=0, return_counts=True)[1].max())
+    plot_tokenizers(tmp_path / "one.png", {"stub": (r, CODES)})
+    plot_tokenizers(tmp_path / "two.png", {"stub": (r, CODES), "opq": (wide, many)})
+    one, two = (matplotlib.image.imread(tmp_path / f"{n}.png") for n in ("one", "two"))
+    assert one.shape[:2] == (750, 500) and two.shape[:2] == (750, 1000)
+    assert one[..., :3].std() > 0.05  # drawn on, not blank

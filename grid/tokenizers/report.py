@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -169,3 +170,90 @@ def format_comparison(reports: dict[str, dict]) -> str:
     keys = [k for k in _ROWS if any(k in r for r in reports.values())]
     rows = [[k] + [_cell(reports[n].get(k, "")) for n in names] for k in keys]
     return _table(["metric", *names], rows)
+
+
+# --- pictures --------------------------------------------------------------------------------
+
+SUMMARY_ABOVE = 8  # more code positions than this are drawn as a band across them
+
+
+def sorted_usage(codes: np.ndarray, vocab_sizes) -> list[np.ndarray]:
+    """Per code position, the number of items of each code, most used first (unused: 0)."""
+    return [np.sort(np.bincount(codes[:, j], minlength=v))[::-1] for j, v in enumerate(vocab_sizes)]
+
+
+def collision_groups(codes: np.ndarray, bins: int) -> np.ndarray:
+    """Items in groups of identical code tuples by group size, in power-of-two bins of sizes
+    (1, 2, 3-4, 5-8, ...; `bins` of them)."""
+    sizes = _group_sizes(codes)[0]
+    which = np.ceil(np.log2(sizes)).astype(np.int64)  # 1 -> 0, 2 -> 1, 3-4 -> 2, 5-8 -> 3
+    return np.bincount(which, weights=sizes, minlength=bins)
+
+
+def _size_bins(largest: int) -> list[str]:
+    """Labels of the power-of-two bins of collision-group sizes up to `largest`."""
+    count = int(np.ceil(np.log2(largest))) + 1
+    return ["1", "2"][:count] + [f"{2 ** (b - 1) + 1}-{2**b}" for b in range(2, count)]
+
+
+def _plot_usage(ax, report: dict, codes: np.ndarray) -> None:
+    vocab, n = report["vocab_sizes"], len(codes)
+    usage = sorted_usage(codes, vocab)
+    what = "level" if report["ordered"] else "subspace"
+    if len(usage) > SUMMARY_ABOVE and len(set(vocab)) == 1:
+        stack, rank = np.stack(usage), np.arange(1, vocab[0] + 1)
+        low, q1, median, q3, high = np.percentile(stack, [0, 25, 50, 75, 100], axis=0)
+        # unused codes (0 items) sit at 0.5 on the log axis, so the bands reach them
+        ax.fill_between(rank, np.maximum(low, 0.5), high, alpha=0.2, color="C0", label="min-max")
+        ax.fill_between(rank, np.maximum(q1, 0.5), q3, alpha=0.4, color="C0", label="25-75%")
+        ax.plot(rank, median, color="C0", label=f"median of {len(usage)} {what}s")
+    else:
+        for j, counts in enumerate(usage):
+            used = int((counts > 0).sum())
+            label = f"{what} {j + 1}: {used}/{len(counts)} codes used"
+            ax.plot(np.arange(1, len(counts) + 1), counts, drawstyle="steps-mid", label=label)
+    for v in sorted(set(vocab)):
+        ax.axhline(n / v, color="k", ls="--", lw=1, label=f"uniform: {n / v:.3g} items per code")
+    ax.set_yscale("log")
+    ax.set_xlabel("code rank (most used first)")
+    ax.set_ylabel("items per code")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3, which="both")
+
+
+def _plot_collisions(ax, report: dict, codes: np.ndarray, labels: list[str]) -> None:
+    items = collision_groups(codes, len(labels))
+    ax.bar(np.arange(len(labels)), items, color="C1")
+    ax.set_xticks(np.arange(len(labels)), labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("collision-group size (items sharing one code tuple)")
+    ax.set_ylabel("items")
+    alone = report["independent_coding_rate"]
+    note = f"{alone:.1%} of items alone\nlargest group: {report['max_collision_group']}"
+    ax.text(0.97, 0.95, note, transform=ax.transAxes, ha="right", va="top", fontsize=8)
+    ax.grid(alpha=0.3, axis="y", which="both")
+
+
+def plot_tokenizers(path: Path, tokenizers: dict[str, tuple[dict, np.ndarray]]) -> None:
+    """One column per tokenizer (name -> (report, raw codes)): sorted code usage per level
+    against the uniform line, and the items by collision-group size of the raw codes."""
+    from grid.report import pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(
+        2, len(tokenizers), figsize=(5 * len(tokenizers), 7.5), squeeze=False, sharey="row"
+    )
+    labels = _size_bins(max(report["max_collision_group"] for report, _ in tokenizers.values()))
+    for (name, (report, codes)), (top, bottom) in zip(tokenizers.items(), axes.T, strict=True):
+        shape = "x".join(str(v) for v in report["vocab_sizes"])
+        if len(report["vocab_sizes"]) > SUMMARY_ABOVE:
+            shape = f"{len(report['vocab_sizes'])}x{report['vocab_sizes'][0]}"
+        title = f"{name}: " if name != report["tokenizer"] else ""
+        top.set_title(f"{title}{report['tokenizer']} {shape}, {len(codes):,} items", fontsize=10)
+        _plot_usage(top, report, codes)
+        _plot_collisions(bottom, report, codes, labels)
+        top.yaxis.set_tick_params(labelleft=True)
+        bottom.yaxis.set_tick_params(labelleft=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
