@@ -273,7 +273,7 @@ def _fit(cfg: DictConfig, model: Recommender, datamodule, folder: Path, logger) 
             torch.load(last, map_location="cpu", weights_only=False, mmap=True)
         except Exception as e:  # truncated or corrupt: any reader error
             log.warning("cannot read %s (%s): training from the start", last, str(e).split("\n")[0])
-            last.unlink()
+            last.unlink(missing_ok=True)  # DDP: every process checks it
             best.unlink(missing_ok=True)
     monitor = cfg.trainer.monitor
     callbacks = [
