@@ -21,6 +21,7 @@ from grid.generators import PipelineInputs
 from grid.generators.rpg import RPG
 from grid.pipeline import build_tokenizer
 from grid.sids import assign_sids
+from grid.sweep import load_sweep, plan
 from grid.tracking import wandb_mode
 from tests.test_resume import model_folder, sasrec
 
@@ -64,6 +65,7 @@ def finished(small_beauty, tmp_path_factory) -> Path:
 # --- results lost or corrupted ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_sweep_leaves_its_run_the_only_writer(small_beauty, tmp_path, capsys):
     """`kill -9` of a sweep leaves its `grid run` running; a second sweep must not start another
     in the same folder, and must quote that run's state, not a stale error."""
@@ -180,18 +182,19 @@ def test_export_wandb_to_an_unwritable_path(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "sweep.yaml"]
 
 
-def test_damaged_results_table_is_rebuilt(small_beauty, tmp_path, caplog):
+def test_damaged_results_table_is_rebuilt(small_beauty, finished, tmp_path, caplog):
     path = write_sweep(
-        tmp_path, grid={"data.max_history": [20]}, overrides=popularity(small_beauty)
+        tmp_path, grid={"data.max_history": [20]}, seeds=[1], overrides=popularity(small_beauty)
     )
     out = tmp_path / "out"
-    out.mkdir()
+    (run,) = plan(load_sweep(path), out)
+    shutil.copytree(finished, run.folder)  # that run, finished
     (out / "results.jsonl").write_text('{"run_id": "abc", "test/rec')  # cut mid-write
     with caplog.at_level(logging.WARNING, logger="grid.sweep"):
         assert main(["sweep", str(path), "--out", str(out)]) == 0
     assert f"{out / 'results.jsonl'}:1: damaged row dropped" in caplog.text
     (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert row["data.max_history"] == 20 and row["test/recall@10"] > 0
+    assert row["run_id"] == run.run_id and row["seed"] == 1 and row["test/recall@10"] > 0
 
 
 @pytest.mark.parametrize(
