@@ -8,9 +8,10 @@ import os
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
-from grid.errors import GridError
+from grid.errors import GridError, check_writable
 
 EPILOG = """examples:
   grid run                                   the default experiment (Beauty, RK-Means, TIGER)
@@ -41,49 +42,32 @@ def _default_out(cfg) -> Path:
     return Path("runs") / f"{stamp}-{cfg.data.name}-{cfg.tokenizer.name}-{cfg.generator.name}"
 
 
-def _writable(folder: Path, what: str, option: str) -> None:
-    """Fail now, before any stage runs, if `folder` cannot be created or written to."""
-    if folder.exists() and not folder.is_dir():
-        raise GridError(f"{what} {folder} is an existing file; point {option} at a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".grid-write-probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise GridError(
-            f"cannot write to {what} {folder} ({e.strerror}); make it writable or point "
-            f"{option} at another folder"
-        )
-
-
 def _check_folders(cfgs, out: Path | None) -> None:
     """The output folder and every config's stage cache must be writable."""
     if out is not None:
-        _writable(out, "the output folder", "--out")
+        check_writable(out, "the output folder", "--out")
     option = "GRID_CACHE" if "GRID_CACHE" in os.environ else "cache_dir"
     for root in {Path(os.environ.get("GRID_CACHE", cfg.cache_dir)) for cfg in cfgs}:
-        _writable(root, "the stage cache", option)
+        check_writable(root, "the stage cache", option)
 
 
 def cmd_run(ns: argparse.Namespace) -> None:
     from grid.config import compose
+    from grid.runlock import run_lock
 
-    if ns.out and Path(ns.out).exists():  # no earlier result may pass for this run's
-        _writable(Path(ns.out), "the output folder", "--out")
-        (Path(ns.out) / "metrics.json").unlink(missing_ok=True)
-    cfg = compose(*_split_args(ns.args))
+    cfg = compose(*_split_args(ns.args))  # bad input leaves an earlier run in --out untouched
     out = Path(ns.out) if ns.out else _default_out(cfg)
     _check_folders([cfg], out)
-    from grid.runner import run  # torch and Lightning load only once the config is valid
+    from grid.runner import main_process, run  # torch and Lightning load once the config is valid
 
     if not ns.verbose:  # Lightning sets its loggers to INFO on import
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
     print(f"grid run -> {out}")
     os.environ["GRID_RUN_OUT"] = str(out)  # inherited by the processes DDP adds
-    try:
-        run(cfg, out)
+    try:  # the processes DDP adds write nothing: the main one holds the lock for them
+        with run_lock(out) if main_process() else nullcontext():
+            run(cfg, out)
     finally:
         os.environ.pop("GRID_RUN_OUT", None)
 
@@ -118,7 +102,7 @@ def cmd_sweep(ns: argparse.Namespace) -> None:
     def done(run, error) -> None:
         print(f"{run.run_id}  {'failed: ' + error if error else 'finished'}", flush=True)
         if error:
-            failed.append(run)
+            failed.append((run, error))
         sw.collect(runs, out)
 
     if cluster:
@@ -128,8 +112,8 @@ def cmd_sweep(ns: argparse.Namespace) -> None:
     print(f"results -> {out / 'results.csv'}")
     if failed:
         raise GridError(
-            f"{len(failed)} of {len(runs)} runs failed (first: {failed[0].run_id}: "
-            f"{(failed[0].folder / 'error.txt').read_text().strip()}); fix and run the sweep again"
+            f"{len(failed)} of {len(runs)} runs failed (first: {failed[0][0].run_id}: "
+            f"{failed[0][1]}); fix and run the sweep again"
         )
 
 

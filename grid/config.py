@@ -25,6 +25,7 @@ from grid.errors import GridError
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ("data", "encoder", "tokenizer", "generator", "trainer")
 DEFAULT_EXPERIMENT = ROOT / "experiments" / "default.yaml"
+MAX_SEED = 2**32 - 1  # numpy and Lightning take seeds in [0, 2^32 - 1]
 GPU_EXPERIMENT = ROOT / "experiments" / "gpu.yaml"
 
 
@@ -252,6 +253,8 @@ def compose(experiment: str | Path | None = None, overrides: list[str] = ()) -> 
         key, hint = missing[0], "FOLDER" if missing[0].endswith("path") else "VALUE"
         raise GridError(f"{key} is not set (??? in its config); add {key}={hint} to the command")
     _check_max_time(cfg.trainer.get("max_time"))
+    check_seed("seed", cfg.seed)
+    check_trainer(cfg.trainer)
     OmegaConf.set_struct(cfg, True)
     return cfg
 
@@ -262,6 +265,47 @@ def _check_max_time(max_time) -> None:
         raise GridError(
             f"trainer.max_time={max_time!r} is not DD:HH:MM:SS; give e.g. "
             f"trainer.max_time=00:01:30:00 (90 minutes), or null for no time limit"
+        )
+
+
+def check_seed(name: str, seed) -> None:
+    """Raise GridError unless `seed` is an integer numpy and Lightning accept."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise GridError(
+            f"{name}={seed!r} is out of range; give an integer in [0, {MAX_SEED}] (2^32 - 1)"
+        )
+
+
+TRAINER_RANGES = {
+    "patience": "[0, inf)",
+    "batch_size": "[1, inf)",
+    "eval_batch_size": "[1, inf)",
+    "log_every_n_steps": "[1, inf)",
+}
+
+
+def check_trainer(t: DictConfig) -> None:
+    """Raise GridError naming the first trainer field that Lightning or the loaders would reject
+    mid-run, or would read as something else (`val_users=0` as all users)."""
+    check_fields("trainer", t, TRAINER_RANGES)
+    val_users = t.get("val_users")
+    if val_users is not None and (not isinstance(val_users, int) or val_users < 1):
+        raise GridError(
+            f"trainer.val_users={val_users!r} is out of range; set it to 1 or more, or null to "
+            f"select the model on every validation user"
+        )
+    for field in ("max_epochs", "max_steps"):
+        value = t.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value != -1 and value < 1:
+            raise GridError(
+                f"trainer.{field}={value} trains nothing; set it to 1 or more, or -1 for no limit "
+                f"(then the other of max_epochs and max_steps bounds training)"
+            )
+    devices = t.get("devices")  # also "auto" or a list of device ids, which Lightning checks
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 and devices != -1:
+        raise GridError(
+            f"trainer.devices={devices} is out of range; set it to 1 or more, or -1 for every "
+            f"visible device"
         )
 
 

@@ -112,6 +112,11 @@ def read_items(path: Path) -> tuple[list[str], list[dict]]:
         if not isinstance(item, dict) or "item_id" not in item:
             raise GridError(f"{path}:{number}: expected a JSON object with an 'item_id' field")
         item_id = str(item["item_id"])
+        if item_id.split() != [item_id]:  # empty, or holding whitespace
+            raise GridError(
+                f"{path}:{number}: item_id {item_id!r} is empty or holds whitespace, which "
+                f"separates item ids in the sequences file; rename it in both files"
+            )
         if item_id in seen:
             raise GridError(
                 f"{path}:{number}: duplicate item_id {item_id!r}; item ids must be unique"

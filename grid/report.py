@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from scipy import stats
 
-from grid.errors import GridError
+from grid.errors import GridError, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,22 @@ def load_runs(folders: list[str | Path]) -> list[Run]:
         config = _flatten(
             OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
         )
-        metrics = json.loads((path / "metrics.json").read_text())
+        metrics = _read_metrics(path / "metrics.json")
         runs.append(Run(path, config, {k: v for k, v in metrics.items() if _number(v)}))
     return runs
+
+
+def _read_metrics(path: Path) -> dict:
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GridError(f"cannot read {path} ({e}); run that run again or leave its folder out")
+    if not isinstance(metrics, dict):
+        raise GridError(
+            f"{path} holds a {type(metrics).__name__}, not a mapping of metric names to values; "
+            f"run that run again or leave its folder out"
+        )
+    return metrics
 
 
 def _number(value) -> bool:
@@ -192,12 +205,25 @@ def metric_columns(runs: list[Run]) -> list[str]:
 
 
 def summarize(configs: list[Configuration], metrics: list[str]) -> None:
-    """Mean and sample standard deviation (ddof=1; NaN for one seed) over seeds."""
+    """Mean and sample standard deviation (ddof=1; NaN for one seed) over seeds; NaN, with a
+    warning, where only some of a row's seeds have the metric (the row counts them all)."""
     for c in configs:
+        partial = []
         for name in metrics:
-            values = np.array([r.metrics[name] for r in c.runs if name in r.metrics], dtype=float)
+            values = [r.metrics[name] for r in c.runs if name in r.metrics]
+            if 0 < len(values) < len(c.runs):
+                partial, values = [*partial, name], []
+            values = np.array(values, dtype=float)
             c.mean[name] = float(values.mean()) if len(values) else math.nan
             c.std[name] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        if partial:
+            log.warning(
+                "%s: %s missing from some of its %d runs; left empty rather than averaged over "
+                "fewer seeds",
+                c.label,
+                ", ".join(partial),
+                len(c.runs),
+            )
 
 
 def _per_user(c: Configuration) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
@@ -393,7 +419,7 @@ def report(
     paired_tests(configs, row)
     main = [*(n for n in MAIN if n in every), *([metric] if metric not in MAIN else []), *TIMINGS]
     out = Path(out) if out is not None else Path(folders[0])
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "the report folder", "--out")
     head = (
         f"{len(runs)} runs, {len(configs)} configurations; mean ± std (ddof=1) over seeds; "
         f"p: paired t-test over test users against row {row} (seed-averaged per-user values)"

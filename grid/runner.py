@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import ctypes
+import io
 import json
 import logging
 import os
@@ -223,6 +225,36 @@ class TrainingSpeed(Callback):
         }
 
 
+class CSVHistory(Callback):
+    """Keeps the rows of the CSV log (logs/metrics.csv) in checkpoints, so that a resumed run's
+    log holds the whole training curve, not only the steps after the interruption."""
+
+    def __init__(self) -> None:
+        self.logger, self.restored = None, ""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        csv = [lg for lg in trainer.loggers if isinstance(lg, L.pytorch.loggers.CSVLogger)]
+        self.logger = csv[0] if csv and trainer.is_global_zero else None
+
+    def state_dict(self) -> dict:
+        if self.logger is None:
+            return {"csv": ""}
+        self.logger.save()  # the rows logged so far, up to this checkpoint's step
+        path = Path(self.logger.experiment.metrics_file_path)
+        return {"csv": path.read_text() if path.is_file() else ""}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restored = state.get("csv", "")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.logger is None or not self.restored:
+            return
+        writer = self.logger.experiment
+        Path(writer.metrics_file_path).write_text(self.restored)
+        writer.metrics_keys = next(csv.reader(io.StringIO(self.restored)))  # later rows append
+        self.restored = ""
+
+
 @contextmanager
 def _interruptible(trainer: L.Trainer) -> Iterator[None]:
     """Raise KeyboardInterrupt for a Ctrl-C that Lightning handled itself (it stops gracefully,
@@ -252,6 +284,13 @@ def _fit(cfg: DictConfig, model: Recommender, datamodule, folder: Path, logger) 
         log.info("trained model %s found in the cache: skipping training", folder.name)
         return best
     folder.mkdir(parents=True, exist_ok=True)
+    if last.is_file():
+        try:
+            torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:  # truncated or corrupt: any reader error
+            log.warning("cannot read %s (%s): training from the start", last, str(e).split("\n")[0])
+            last.unlink(missing_ok=True)  # DDP: every process checks it
+            best.unlink(missing_ok=True)
     monitor = cfg.trainer.monitor
     callbacks = [
         ModelCheckpoint(
@@ -266,6 +305,7 @@ def _fit(cfg: DictConfig, model: Recommender, datamodule, folder: Path, logger) 
         ModelCheckpoint(dirpath=folder, filename="last", enable_version_counter=False),
         EarlyStopping(monitor=monitor, mode="max", patience=cfg.trainer.patience),
         RandomState(),
+        CSVHistory(),
         speed := TrainingSpeed(),
     ]
     trainer = _trainer(cfg, folder, callbacks, logger)

@@ -14,6 +14,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import queue
 import shutil
@@ -25,11 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from filelock import FileLock, Timeout
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from grid.config import ROOT, _load_yaml, compose, parse_override
+from grid.config import MAX_SEED, ROOT, _load_yaml, compose, parse_override
 from grid.errors import GridError
+from grid.runlock import busy, busy_message
+
+log = logging.getLogger(__name__)
 
 FIELDS = ("base", "grid", "zip", "seeds", "overrides", "smoke", "slurm")
 # slurm: section -> submitit AutoExecutor parameter
@@ -77,7 +81,7 @@ class Run:
     def status(self) -> str:
         if (self.folder / "metrics.json").is_file():
             return "finished"
-        if self.folder.is_dir() and _busy(self.folder):
+        if self.folder.is_dir() and busy(self.folder):
             return "running"
         return "failed" if (self.folder / "error.txt").is_file() else "pending"
 
@@ -121,6 +125,21 @@ def _base(path: Path, base) -> Path | None:
     raise GridError(_where(path, f"base experiment {base} not found next to it nor in {ROOT}"))
 
 
+def _seeds(path: Path, section: str, seeds) -> list[int]:
+    """A list of distinct seeds in numpy's and Lightning's range."""
+    if not isinstance(seeds, list) or not all(type(s) is int for s in seeds):
+        raise GridError(_where(path, f"{section} must be a list of integers, e.g. [1, 2, 3]"))
+    if bad := [s for s in seeds if not 0 <= s <= MAX_SEED]:
+        raise GridError(
+            _where(path, f"{section} holds {bad[0]}, out of range; give seeds in [0, {MAX_SEED}]")
+        )
+    if dupes := sorted({s for s in seeds if seeds.count(s) > 1}):
+        raise GridError(
+            _where(path, f"seed {dupes[0]} is listed twice in {section}; list each once")
+        )
+    return seeds
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file."""
     path = Path(path)
@@ -141,17 +160,17 @@ def load_sweep(path: str | Path) -> Sweep:
         raise GridError(_where(path, f"zipped lists differ in length ({sizes}); make them equal"))
     if both := sorted(set(grid) & set(zipped)):
         raise GridError(_where(path, f"{both[0]} is both in grid and zip; keep it in one"))
-    seeds = tree.get("seeds") or []
-    if not isinstance(seeds, list) or not all(type(s) is int for s in seeds):
-        raise GridError(_where(path, "seeds must be a list of integers, e.g. [1, 2, 3, 4, 5]"))
-    if dupes := sorted({s for s in seeds if seeds.count(s) > 1}):
-        raise GridError(_where(path, f"seed {dupes[0]} is listed twice in seeds; list each once"))
+    seeds = _seeds(path, "seeds", tree.get("seeds") or [])
     smoke = tree.get("smoke") or {}
     if isinstance(smoke, list):
         smoke = {"overrides": smoke}
     if not isinstance(smoke, dict) or set(smoke) - {"overrides", "seeds"}:
         raise GridError(_where(path, "smoke must be a list of KEY=VALUE (or overrides:, seeds:)"))
+    if smoke.get("seeds") is not None:
+        _seeds(path, "smoke.seeds", smoke["seeds"])
     slurm = tree.get("slurm") or {}
+    if not isinstance(slurm, dict):
+        raise GridError(_where(path, f"slurm must map fields to values, e.g. partition: {slurm}"))
     for key in slurm:
         if key not in SLURM_FIELDS:
             close = difflib.get_close_matches(key, SLURM_FIELDS, n=1)
@@ -254,14 +273,6 @@ def default_out(sweep: Sweep, smoke: bool = False, extra: Iterable[str] = ()) ->
     return Path("sweeps") / "-".join(parts)
 
 
-def _busy(folder: Path) -> bool:
-    try:
-        FileLock(folder / "run.lock", timeout=0).acquire().lock.release()
-    except Timeout:
-        return True
-    return False
-
-
 def _error_line(log: Path, start: int, returncode: int) -> str:
     """The attempt's `error:` line (else its last line) and exit code, from byte `start` on."""
     with open(log, "rb") as f:
@@ -276,13 +287,17 @@ def _error_line(log: Path, start: int, returncode: int) -> str:
 def execute(args: list[str], folder: str | Path, env: dict[str, str] | None = None) -> str | None:
     """Run `grid run ARGS --out FOLDER` in a subprocess; return its one-line error, or None.
 
-    The run's lock keeps two sweeps from running it at once; the second then finds it finished.
+    The launch lock keeps two sweeps from running it at once; the second then finds it
+    finished. A run that outlived its sweep (killed with SIGKILL) still holds the run's own lock:
+    it is left alone, and its files too.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(folder / "run.lock"):
+    with FileLock(folder / "launch.lock"):
         if (folder / "metrics.json").is_file():
             return None
+        if busy(folder):
+            return busy_message(folder)
         (folder / "error.txt").unlink(missing_ok=True)
         (folder / "overrides.txt").write_text("".join(f"{a}\n" for a in args if "=" in a))
         command = [sys.executable, "-m", "grid", "run", *args, "--out", str(folder)]
@@ -310,6 +325,13 @@ def local_slots(
     """One CUDA_VISIBLE_DEVICES value per concurrent run (None on a CPU-only machine)."""
     import torch
 
+    for option, value in (
+        ("--gpus", gpus),
+        ("--per-gpu", per_gpu),
+        ("--max-parallel", max_parallel),
+    ):
+        if value is not None and value < 1:
+            raise GridError(f"{option} {value} is out of range; give 1 or more (or leave it out)")
     visible = torch.cuda.device_count()
     if visible == 0:
         if gpus or per_gpu:
@@ -422,8 +444,11 @@ def launch_submitit(runs: list[Run], executor, done: Done) -> None:
 
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def collect(runs: list[Run], out: Path) -> list[dict]:
@@ -435,10 +460,15 @@ def collect(runs: list[Run], out: Path) -> list[dict]:
     with FileLock(out / "results.lock"):
         rows = {}
         if (out / "results.jsonl").is_file():
-            for line in (out / "results.jsonl").read_text().splitlines():
-                row = json.loads(line)
-                if (out / row["run_id"] / "metrics.json").is_file():
-                    rows[row["run_id"]] = row
+            for number, line in enumerate((out / "results.jsonl").read_text().splitlines(), 1):
+                try:
+                    row = json.loads(line)
+                    run_id = row["run_id"]
+                except (ValueError, TypeError, KeyError):  # rows of this sweep are rebuilt below
+                    log.warning("%s:%d: damaged row dropped", out / "results.jsonl", number)
+                    continue
+                if (out / str(run_id) / "metrics.json").is_file():
+                    rows[run_id] = row
         for run in runs:
             if (run.folder / "metrics.json").is_file():
                 metrics = json.loads((run.folder / "metrics.json").read_text())
@@ -504,5 +534,11 @@ def _relative(path: Path) -> str:
 
 
 def write_wandb_spec(sweep: Sweep, path: Path, extra: Iterable[str] = ()) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(wandb_spec(sweep, extra), sort_keys=False))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write(path, yaml.safe_dump(wandb_spec(sweep, extra), sort_keys=False))
+    except OSError as e:
+        raise GridError(
+            f"cannot write the wandb sweep spec {path} ({e.strerror}); give --export-wandb a "
+            f"writable file path"
+        )

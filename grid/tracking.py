@@ -6,6 +6,8 @@ import importlib.util
 import logging
 import netrc
 import os
+import socket
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,6 +21,7 @@ log = logging.getLogger(__name__)
 
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
 WANDB_MODES = ("auto", "online", "offline")
+REACH_SECONDS = 3.0  # how long online mode waits for the wandb server before logging offline
 
 
 def flat_config(cfg: DictConfig) -> dict:
@@ -36,11 +39,35 @@ def flat_config(cfg: DictConfig) -> dict:
     return flat
 
 
+def _wandb_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+
+
+def _reachable(url: str, seconds: float = REACH_SECONDS) -> bool:
+    """Whether a TCP connection to `url`'s server opens within `seconds` (name lookup included,
+    which has no timeout of its own: it runs in a thread left behind if it hangs)."""
+    parsed = urlparse(url)
+    address = (parsed.hostname, parsed.port or (80 if parsed.scheme == "http" else 443))
+    opened = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=seconds).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(opened)
+
+
 def _has_wandb_key() -> bool:
     """An API key in WANDB_API_KEY or a `wandb login` entry in ~/.netrc (no network)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    host = urlparse(_wandb_url()).hostname
     try:
         return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
@@ -49,7 +76,9 @@ def _has_wandb_key() -> bool:
 
 def wandb_mode(cfg: DictConfig) -> str:
     """online, offline or disabled: `trainer.wandb_mode`, else WANDB_MODE, else online only when
-    an API key is there; online without a key falls back to offline with a warning."""
+    an API key is there; online without a key, or with a server that does not answer within
+    REACH_SECONDS, falls back to offline with a warning (wandb itself would wait ~100 s, then
+    fail the run)."""
     mode = cfg.trainer.get("wandb_mode", "auto") or "auto"
     if mode not in WANDB_MODES:
         choices = ", ".join(WANDB_MODES)
@@ -63,6 +92,15 @@ def wandb_mode(cfg: DictConfig) -> str:
             log.warning(
                 "wandb online mode needs an API key (WANDB_API_KEY or `wandb login`): logging "
                 "offline instead; upload later with `wandb sync OUT/wandb/offline-run-*`"
+            )
+        mode = "offline"
+    if mode == "online" and not _reachable(_wandb_url()):
+        if rank_zero_only.rank == 0:
+            log.warning(
+                "cannot reach the wandb server %s within %.0f s: logging offline instead; upload "
+                "later with `wandb sync OUT/wandb/offline-run-*`",
+                _wandb_url(),
+                REACH_SECONDS,
             )
         mode = "offline"
     return mode

@@ -212,7 +212,9 @@ def test_bad_input_fails_before_any_stage(isolated, tmp_path, capsys, args, mess
     args = [f"data.path={folders[a[10:]]}" if a[10:] in folders else a for a in args]
     assert main(["run", *args, "--out", str(out)]) == 2
     assert message in one_error_line(capsys)
-    assert not (out / "metrics.json").exists()
+    # a run that started (config.yaml) removed the earlier result; one that failed composing
+    # its config left the folder as it was
+    assert (out / "metrics.json").exists() != (out / "config.yaml").exists()
     assert not (cache / "embeddings").exists()  # reported before the encoder ran
 
 

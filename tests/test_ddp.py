@@ -133,8 +133,9 @@ def single_process_metrics(overrides: list[str], checkpoint, cache, out) -> dict
 @pytest.mark.slow
 def test_two_process_run_scores_each_user_once_and_equals_one_process(ddp_run, tmp_path):
     overrides, _, out, cache = ddp_run
+    # run.lock: the main process held it for the run; the added one never took it
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.yaml", "metrics.json", "model.ckpt", "selection.json", "stages.json"
+        "config.yaml", "metrics.json", "model.ckpt", "run.lock", "selection.json", "stages.json"
     ]  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["infer/devices"] == 2 and metrics["train/devices"] == 2

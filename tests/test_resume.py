@@ -1,5 +1,6 @@
 """Interrupted training resumes to the uninterrupted result; concurrent runs share one model."""
 
+import csv
 import json
 import multiprocessing
 import os
@@ -52,6 +53,14 @@ def results(out: Path) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith(("infer/", "run/", "train/"))}
 
 
+def curve(out: Path) -> list[dict]:
+    """The rows of logs/metrics.csv without the timings."""
+    with open(out / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    timings = ("infer/", "run/", "train/seconds", "train/samples_per_s")
+    return [{k: v for k, v in row.items() if not k.startswith(timings)} for row in rows]
+
+
 def test_sampler_continues_an_epoch_from_its_state():
     lengths = torch.randint(1, 21, (2000,), generator=torch.Generator().manual_seed(0))
     sampler = LengthBucketSampler(lengths, 32, shuffle=True, seed=3)
@@ -74,7 +83,7 @@ def test_sampler_continues_an_epoch_from_its_state():
 def test_interrupted_training_resumes_to_the_uninterrupted_result(
     small_beauty, tmp_path, monkeypatch, capsys
 ):
-    args = ["run", *sasrec(small_beauty)]
+    args = ["run", *sasrec(small_beauty, "trainer.logger=csv")]
     monkeypatch.setenv("GRID_CACHE", str(tmp_path / "cache_a"))
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert "embeddings" not in json.loads((tmp_path / "a" / "stages.json").read_text())
@@ -113,6 +122,8 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(
     assert main([*args, "--out", str(out)]) == 0
     assert model_folder(out) == folder and (folder / "DONE").is_file()
     assert results(out) == results(tmp_path / "a")
+    # the log holds the whole training curve, the steps before the interruption too
+    assert curve(out) == curve(tmp_path / "a") and len(curve(out)) > 4
     counted = [
         json.loads((model_folder(o) / "training.json").read_text()) for o in (out, tmp_path / "a")
     ]

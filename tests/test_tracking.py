@@ -3,6 +3,7 @@
 import csv
 import json
 import logging
+import socket
 import struct
 from pathlib import Path
 
@@ -134,9 +135,12 @@ def test_wandb_mode_follows_config_env_and_key(tmp_path, no_wandb_key, monkeypat
         monkeypatch.setenv("WANDB_MODE", "disabled")
         assert mode("auto") == "disabled"
     monkeypatch.delenv("WANDB_MODE")
-    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "k" * 40)
+    server = socket.create_server(("127.0.0.1", 0))  # a wandb server that answers
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    (tmp_path / "netrc").write_text("machine 127.0.0.1 login user password " + "k" * 40)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # what `wandb login` writes
     assert mode("auto") == "online" and mode("offline") == "offline"
+    server.close()
     with pytest.raises(GridError, match="wandb_mode"):
         mode("cloud")
 

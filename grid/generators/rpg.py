@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from grid.generators.base import (
 )
 from grid.generators.layers import Block, Layout, last_states
 from grid.sids import SemanticIDs
+
+log = logging.getLogger(__name__)
 
 DECODINGS = ("exact", "graph")
 PARAM_RANGES = {
@@ -151,6 +154,12 @@ class RPG(Recommender):
             raise GridError(
                 f"the semantic IDs cover {inputs.sids.num_items} items but the catalogue has "
                 f"{inputs.num_items}; re-run the tokenizer stage on this dataset"
+            )
+        if inputs.sids.ordered:
+            log.warning(
+                "generator=rpg was designed for long unordered OPQ codes (tokenizer=opq, 16-64 "
+                "subspaces); these SIDs are %d ordered codes, a setting it was not tuned for",
+                inputs.sids.length,
             )
         return cls(inputs.sids, **params)
 
