@@ -61,19 +61,19 @@ HANDBOOK_TIGER = dict(
 
 
 def models(num_items: int) -> dict:
-    """Constructors `packed -> model` at the papers' depths, on random SIDs of the papers'
-    shapes (operator counts depend on shapes, not on code values)."""
+    """(generator name, constructor `packed -> model`) at the papers' depths, on random SIDs
+    of the papers' shapes (operator counts depend on shapes, not on code values)."""
     rng = np.random.default_rng(0)
     short = assign_sids(rng.integers(0, 256, (num_items, 3)), (256,) * 3, "dedup")
     long = assign_sids(rng.integers(0, 256, (num_items, 32)), (256,) * 32, "random", ordered=False)
     text = rng.standard_normal((num_items, 384)).astype(np.float32)
     cf = rng.standard_normal((num_items, 64)).astype(np.float32)
     return {
-        "TIGER handbook (4+4, d128)": lambda p: TIGER(short, **HANDBOOK_TIGER, packed=p),
-        "RPG (2 layers, d448, 32 codes)": lambda p: RPG(long, packed=p),
-        "SimGR (2 layers, d64)": lambda p: SimGR(short, packed=p),
-        "SETRec (2 blocks, d64)": lambda p: SETRec(text, cf, packed=p),
-        "SASRec (2 blocks, d64)": lambda p: SASRec(num_items, packed=p),
+        "TIGER handbook (4+4, d128)": ("tiger", lambda p: TIGER(short, **HANDBOOK_TIGER, packed=p)),
+        "RPG (2 layers, d448, 32 codes)": ("rpg", lambda p: RPG(long, packed=p)),
+        "SimGR (2 layers, d64)": ("simgr", lambda p: SimGR(short, packed=p)),
+        "SETRec (2 blocks, d64)": ("setrec", lambda p: SETRec(text, cf, packed=p)),
+        "SASRec (2 blocks, d64)": ("sasrec", lambda p: SASRec(num_items, packed=p)),
     }
 
 
@@ -211,8 +211,8 @@ def main() -> None:
     dataset = load_sequences(ROOT / "data" / "amazon14_beauty")
     split = leave_one_out(dataset.sequences, max_history=20)
     rows, extra = [], cpu_only_operators()
-    for name, make in models(dataset.num_items).items():
-        row = {"model": name}
+    for name, (generator, make) in models(dataset.num_items).items():
+        row = {"model": name, "generator": generator}
         for packed in (True, False):
             path = "packed" if packed else "fixed"
             L.seed_everything(0, verbose=False)

@@ -117,6 +117,21 @@ def cmd_sweep(ns: argparse.Namespace) -> None:
         )
 
 
+def cmd_reproduce(ns: argparse.Namespace) -> None:
+    from grid import reproduce as rp
+
+    results = Path(ns.results)
+    if ns.table:
+        print(rp.table(ns.sweep, results))
+        return
+    if ns.minutes <= 0:
+        raise GridError(f"--minutes {ns.minutes} must be > 0: the time the rows may take")
+    out = Path(ns.out) if ns.out else Path("sweeps") / Path(ns.sweep).stem
+    archive = Path(ns.archive) if ns.archive else None
+    rp.reproduce(ns.sweep, ns.minutes, results, out, ns.args, archive, ns.dry_run)
+    print(f"results -> {results}")
+
+
 def cmd_config_show(ns: argparse.Namespace) -> None:
     from grid.config import compose, to_yaml
 
@@ -233,6 +248,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-run", type=int, help="slurm GPUs per run")
     p.add_argument("--export-wandb", metavar="FILE", help="write a wandb sweep spec and exit")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "reproduce",
+        help="train a table's rows to early stopping within a time budget",
+        description="Run the rows of a sweep file with a reproduce: section one after another, "
+        "skipping those the results file holds for this device kind (gpu or cpu) and those "
+        "whose projected time (operator counts x epochs) does not fit --minutes; append each "
+        "ended row (metrics, device, versions, epochs, speed) to the results file.",
+    )
+    p.add_argument("sweep", metavar="SWEEP", help="sweep YAML with a reproduce: section")
+    p.add_argument("args", nargs="*", metavar="KEY=VALUE", help="overrides for every row")
+    p.add_argument("--minutes", type=float, default=9.0, help="time the rows may take")
+    p.add_argument(
+        "--results",
+        default="bench/results/reproduction.jsonl",
+        help="results file, one JSON line per ended row (default %(default)s)",
+    )
+    p.add_argument("--out", help="folder of the run folders (default sweeps/<file name>)")
+    p.add_argument("--archive", metavar="FILE", help="also write a tar.gz of the runs' small files")
+    p.add_argument("--dry-run", action="store_true", help="print what would start and exit")
+    p.add_argument("--table", action="store_true", help="print the results table and exit")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser(
         "config", help="inspect configs", description="Inspect the composed configuration."

@@ -222,6 +222,7 @@ class TrainingSpeed(Callback):
             "seconds": seconds,
             "samples_per_s": samples / max(seconds, 1e-9),
             "devices": trainer.world_size,
+            "epochs": trainer.current_epoch,  # epochs trained (early stopping ends one early)
         }
 
 
@@ -483,6 +484,8 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         training = json.loads((folder / "training.json").read_text())
         metrics["train/seconds"] = training["seconds"]
         metrics["train/samples_per_s"] = training["samples_per_s"]
+        if "epochs" in training:
+            metrics["train/epochs"] = training["epochs"]
         metrics["train/devices"] = training.get("devices", 1)
     metrics.update(
         {f"baseline/popularity/{k}": v for k, v in baseline.items() if not k.startswith("infer/")}

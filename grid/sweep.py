@@ -35,7 +35,7 @@ from grid.runlock import busy, busy_message
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("base", "grid", "zip", "seeds", "overrides", "smoke", "slurm")
+FIELDS = ("base", "grid", "zip", "seeds", "overrides", "smoke", "slurm", "reproduce")
 # slurm: section -> submitit AutoExecutor parameter
 SLURM_FIELDS = {
     "partition": "slurm_partition",
@@ -61,6 +61,7 @@ class Sweep:
     overrides: list[str]
     smoke: dict = field(default_factory=dict)
     slurm: dict = field(default_factory=dict)
+    reproduce: dict | None = None  # `grid reproduce`: table, epochs, published
 
     @property
     def keys(self) -> list[str]:
@@ -188,7 +189,30 @@ def load_sweep(path: str | Path) -> Sweep:
             "seeds": smoke.get("seeds"),
         },
         slurm=dict(slurm),
+        reproduce=_reproduce(path, tree.get("reproduce")),
     )
+
+
+def _reproduce(path: Path, spec) -> dict | None:
+    """The `reproduce:` section: `table` (a name), `epochs` (generator -> expected epochs) and
+    `published` (a list of `{match: {KEY: VALUE}, METRIC: VALUE}`)."""
+    if spec is None:
+        return None
+    example = "e.g. reproduce: {table: beauty, epochs: {tiger: 60}, published: []}"
+    if not isinstance(spec, dict) or set(spec) - {"table", "epochs", "published"}:
+        raise GridError(_where(path, f"reproduce must hold table, epochs, published; {example}"))
+    epochs = spec.get("epochs")
+    if not isinstance(spec.get("table"), str) or not isinstance(epochs, dict):
+        raise GridError(_where(path, f"reproduce needs a table name and epochs; {example}"))
+    for name, n in epochs.items():
+        if not isinstance(n, int | float) or isinstance(n, bool) or n < 0:
+            raise GridError(_where(path, f"reproduce.epochs.{name}={n!r} must be a number >= 0"))
+    published = spec.get("published") or []
+    if not isinstance(published, list) or not all(
+        isinstance(p, dict) and isinstance(p.get("match"), dict) for p in published
+    ):
+        raise GridError(_where(path, "reproduce.published must list {match: {...}, METRIC: V}"))
+    return {"table": spec["table"], "epochs": dict(epochs), "published": published}
 
 
 def cells(sweep: Sweep, seeds: list[int] | None = None) -> list[dict[str, object]]:
@@ -284,8 +308,17 @@ def _error_line(log: Path, start: int, returncode: int) -> str:
     return f"{message} (exit code {returncode})"
 
 
-def execute(args: list[str], folder: str | Path, env: dict[str, str] | None = None) -> str | None:
+TIMED_OUT = "ran past its time limit"
+
+
+def execute(
+    args: list[str],
+    folder: str | Path,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> str | None:
     """Run `grid run ARGS --out FOLDER` in a subprocess; return its one-line error, or None.
+    A run still going after `timeout` seconds is killed (its cached last.ckpt resumes it).
 
     The launch lock keeps two sweeps from running it at once; the second then finds it
     finished. A run that outlived its sweep (killed with SIGKILL) still holds the run's own lock:
@@ -311,7 +344,14 @@ def execute(args: list[str], folder: str | Path, env: dict[str, str] | None = No
         }
         with open(folder / "run.log", "a") as log:  # one log of every attempt
             start = log.tell()
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            try:
+                code = subprocess.run(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout
+                ).returncode
+            except subprocess.TimeoutExpired:
+                error = f"{TIMED_OUT} of {timeout / 60:.1f} min"
+                (folder / "error.txt").write_text(error + "\n")
+                return error
         if code == 0 and (folder / "metrics.json").is_file():
             return None
         error = _error_line(folder / "run.log", start, code)
