@@ -128,7 +128,7 @@ def cmd_reproduce(ns: argparse.Namespace) -> None:
         raise GridError(f"--minutes {ns.minutes} must be > 0: the time the rows may take")
     out = Path(ns.out) if ns.out else Path("sweeps") / Path(ns.sweep).stem
     archive = Path(ns.archive) if ns.archive else None
-    rp.reproduce(ns.sweep, ns.minutes, results, out, ns.args, archive, ns.dry_run)
+    rp.reproduce(ns.sweep, ns.minutes, results, out, ns.args, archive, ns.dry_run, ns.smoke)
     print(f"results -> {results}")
 
 
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archive", metavar="FILE", help="also write a tar.gz of the runs' small files")
     p.add_argument("--dry-run", action="store_true", help="print what would start and exit")
     p.add_argument("--table", action="store_true", help="print the results table and exit")
+    p.add_argument(
+        "--smoke", action="store_true", help="the file's smoke: overrides, as table NAME-smoke"
+    )
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser(

@@ -123,8 +123,13 @@ def append_row(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def table_name(sweep: sw.Sweep, smoke: bool) -> str:
+    """The results' table name: a smoke pass is a table of its own, never the real one."""
+    return sweep.reproduce["table"] + ("-smoke" if smoke else "")
+
+
 def plan(
-    sweep: sw.Sweep, out: Path, results: Path, extra: list[str]
+    sweep: sw.Sweep, out: Path, results: Path, extra: list[str], smoke: bool = False
 ) -> tuple[list[Row], list[str]]:
     """The rows still to run on this device kind, projected, and lines saying which are done."""
     spec = sweep.reproduce
@@ -132,11 +137,11 @@ def plan(
     done = {
         (r["row"], r["seed"])
         for r in read_results(results)
-        if r.get("table") == spec["table"] and r.get("device_kind") == kind
+        if r.get("table") == table_name(sweep, smoke) and r.get("device_kind") == kind
     }
     counts = operator_counts()
     rows, notes = [], []
-    for run in sw.plan(sweep, out, extra=extra):
+    for run in sw.plan(sweep, out, smoke=smoke, extra=extra):
         name, seed = label(run), int(run.values["seed"])
         if (name, seed) in done:
             notes.append(f"done    {name} seed={seed} (in {results})")
@@ -196,13 +201,14 @@ def reproduce(
     extra: list[str] = (),
     archive: Path | None = None,
     dry_run: bool = False,
+    smoke: bool = False,
 ) -> list[dict]:
     """Run the rows that fit `minutes`, append each ended row to `results`; return them."""
     deadline = time.monotonic() + 60 * minutes
     sweep = sw.load_sweep(sweep_path)
     if sweep.reproduce is None:
         raise GridError(f"{sweep_path} has no reproduce: section (table, epochs, published)")
-    rows, notes = plan(sweep, out, results, list(extra))
+    rows, notes = plan(sweep, out, results, list(extra), smoke)
     for note in notes:
         print(note)
     ended = []
@@ -223,7 +229,7 @@ def reproduce(
         if error is not None and error.startswith(sw.TIMED_OUT):
             print(f"stopped {row.label} seed={row.seed}: {error}; not recorded, resumes next time")
             continue
-        line = result_row(sweep.reproduce["table"], row, error, wall)
+        line = result_row(table_name(sweep, smoke), row, error, wall)
         append_row(results, line)
         ended.append(line)
         print(f"{line['status']:<8}{row.label} seed={row.seed} in {wall / 60:.1f} min")
