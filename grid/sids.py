@@ -45,6 +45,12 @@ class SemanticIDs:
         self._members = order  # items sorted by group
         self._offsets = np.concatenate([[0], np.cumsum(counts)])
 
+    @classmethod
+    def load(cls, path) -> SemanticIDs:
+        """Read a `sids.npz` (codes, vocab_sizes, ordered) as the tokenizer stage writes it."""
+        saved = np.load(path)
+        return cls(saved["codes"], tuple(saved["vocab_sizes"]), bool(saved["ordered"]))
+
     @property
     def num_items(self) -> int:
         return len(self.codes)

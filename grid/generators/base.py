@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import lightning as L
@@ -24,20 +24,22 @@ INVALID_SID = -2  # `recommend_scored`'s id for a decoded SID that is no item's 
 
 
 @contextmanager
-def bf16_matmuls(enabled: bool = True) -> Iterator[None]:
-    """float32 matmuls computed from bf16-rounded inputs but accumulated and returned in float32
-    (`torch.set_float32_matmul_precision("medium")`: oneDNN's bf32 on CPUs with bf16 dot
-    products, TF32 on GPUs): bf16 speed without rounding the results to bf16, which would tie
-    scores that ranking must tell apart."""
-    if not enabled:
-        yield
-        return
+def matmul_precision(precision: str) -> Iterator[None]:
+    """`torch.set_float32_matmul_precision(precision)` inside the block, restored after it."""
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
+    torch.set_float32_matmul_precision(precision)
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def bf16_matmuls(enabled: bool = True) -> AbstractContextManager:
+    """float32 matmuls computed from bf16-rounded inputs but accumulated and returned in float32
+    (`torch.set_float32_matmul_precision("medium")`: oneDNN's bf32 on CPUs with bf16 dot
+    products, TF32 on GPUs): bf16 speed without rounding the results to bf16, which would tie
+    scores that ranking must tell apart."""
+    return matmul_precision("medium") if enabled else nullcontext()
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
