@@ -213,8 +213,16 @@ def cmd_recommend(ns: argparse.Namespace) -> None:
     import json
 
     asked = ns.history or ns.histories or ns.user
-    if ns.split and asked:
-        raise GridError("--split writes every user's lists: give it without histories or users")
+    if ns.split and (asked or ns.k is not None):
+        raise GridError(
+            "--split writes every user's top-20 list as the run evaluated it: give it without "
+            "histories, users or -k"
+        )
+    if ns.out and not ns.split:
+        raise GridError("--out names the file of --split; print recommendations with --json")
+    if ns.next and not ns.user:
+        raise GridError("--next ranks past a dataset user's sequence: give --user ID with it")
+    ns.k = 10 if ns.k is None else ns.k
     if not (ns.split or asked):
         raise GridError(
             "say what to rank for: --history IDS, --histories FILE, --user ID or --split"
@@ -324,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a dataset user: its test history, held-out item shown (repeatable)",
     )
     p.add_argument("--next", action="store_true", help="--user: rank after the whole sequence")
-    p.add_argument("-k", type=int, default=10, help="items per list (default 10)")
+    p.add_argument("-k", type=int, help="items per list (default 10)")
     p.add_argument("--json", action="store_true", help="one JSON object per history")
     p.add_argument(
         "--skip-unknown",

@@ -294,9 +294,15 @@ def list_metrics(path: str | Path, ks: Sequence[int] = KS) -> dict[str, float]:
     return {name: float(values.double().mean()) for name, values in per_user.items()}
 
 
-def load_run(path: str | Path, device: str | None = None) -> Run:
+def load_run(path: str | Path, device: str | torch.device | None = None) -> Run:
     """Load a finished `grid run` folder (config.yaml, metrics.json, model.ckpt, sids.npz and
     the cached stages it read) onto `device` (default: the GPU if there is one)."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise GridError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GridError(f"device {device} is a GPU but none is visible; use cpu")
     folder = Path(path)
     if not folder.is_dir():
         raise GridError(f"run folder {folder} does not exist; give the --out folder of a grid run")
@@ -330,6 +336,5 @@ def load_run(path: str | Path, device: str | None = None) -> Run:
         if "setrec/beta" not in metrics:
             raise GridError(f"{folder}/metrics.json has no setrec/beta; run it again to choose it")
         model.beta = round(metrics["setrec/beta"], 6)  # logged as float32: back to 0.1 steps
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval().to(device)
     return Run(folder, cfg, model, stages.dataset, stages.split, metrics, device)

@@ -222,7 +222,9 @@ def test_cli_prints_and_writes_json(runs, capsys, tmp_path):
         (["--history", "B004756YJA", "-k", "99999"], "k=99999 is not between 1 and"),
         (["--user", "NOBODY"], "unknown user 'NOBODY'"),
         ([], "say what to rank for"),
-        (["--split", "test", "--user", "X"], "--split writes every user's lists"),
+        (["--split", "test", "--user", "X"], "give it without histories, users or -k"),
+        (["--user", "X", "--out", "lists.jsonl"], "--out names the file of --split"),
+        (["--history", "B004756YJA", "--next"], "give --user ID with it"),
     ],
 )
 def test_bad_input_is_one_line(runs, capsys, args, message):
