@@ -90,12 +90,12 @@ def running_top_k(
 def pad_ranked(
     ids: torch.Tensor, scores: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ranked ids and their scores `[B, <= k]` widened to `[B, k]` with id -1 and score -inf
-    where a list runs short."""
+    """Ranked ids and their scores `[B, <= k]` widened to `[B, k]` with id NO_ITEM and score
+    -inf where a list runs short."""
     if ids.shape[1] >= k:
         return ids, scores
     pad = (0, k - ids.shape[1])
-    return F.pad(ids, pad, value=-1), F.pad(scores, pad, value=float("-inf"))
+    return F.pad(ids, pad, value=NO_ITEM), F.pad(scores, pad, value=float("-inf"))
 
 
 def top_k_scored(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
