@@ -1,4 +1,5 @@
-"""The `grid` command line: run, sweep, report, config show, tokenize, data fetch."""
+"""The `grid` command line: run, sweep, reproduce, report, recommend, config show, tokenize,
+data fetch."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ EPILOG = """examples:
   grid tokenize --compare rkmeans rvq opq
   grid data fetch beauty                     real item text (then: grid run data.text=metadata)
   grid sweep experiments/grid_handbook/sweep_t1_tokenizer.yaml --dry-run
-  grid report runs/sweep --baseline generator.name=sasrec"""
+  grid report runs/sweep --baseline generator.name=sasrec
+  grid recommend runs/beauty --user A1YJEY40YUW4SE
+  grid recommend runs/beauty --split test"""
 
 
 def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -199,6 +202,103 @@ def cmd_report(ns: argparse.Namespace) -> None:
     report(ns.folders, ns.out, ns.metric, ns.baseline)
 
 
+def _read_histories(path: str) -> tuple[list[str], list[str | None]]:
+    """A histories file: one history of item ids per line; text before a tab is its label
+    (so a sequences.tsv works as is); blank lines are skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GridError(f"cannot read the histories file {path} ({e}); give a UTF-8 text file")
+    histories, labels = [], []
+    for line in lines:
+        if line.strip():
+            label, _, items = line.rpartition("\t")
+            histories.append(items)
+            labels.append(label or None)
+    if not histories:
+        raise GridError(f"the histories file {path} holds no history; write one per line")
+    return histories, labels
+
+
+INVALID = "(invalid SID)"  # shown for a decoded SID that is no item's
+
+
+def _print_records(records: list[dict], run, k: int) -> None:
+    """Each history, then its ranked items: rank, item id, score and text."""
+    print(
+        f"{run.cfg.generator.name} on {run.dataset.name} ({run.dataset.num_items} items); "
+        f"score: {run.score_name}"
+    )
+    for record in records:
+        shown = " ".join(record["history"][-8:])
+        more = len(record["history"]) - 8
+        print(
+            f"\n{'user ' + record['user'] + ', ' if record['user'] else ''}history of "
+            f"{len(record['history'])} item{'s' * (len(record['history']) > 1)}: "
+            f"{'... ' if more > 0 else ''}{shown}"
+        )
+        width = max([len(i["item"] or INVALID) for i in record["items"]] + [4])
+        print(f"{'rank':>5}  {'item':{width}}  {'score':>10}  text")
+        for entry in record["items"]:
+            item = entry["item"] or INVALID
+            target = "  <- held-out target" if item == record["target"] else ""
+            text = entry["title"] or ""
+            text = text if len(text) <= 60 else text[:57] + "..."
+            print(f"{entry['rank']:>5}  {item:{width}}  {entry['score']:>10.4f}  {text}{target}")
+        if len(record["items"]) < k:
+            print(f"  (the generator found {len(record['items'])} of the {k} items asked for)")
+        if record["target"] and record["target"] not in [i["item"] for i in record["items"]]:
+            print(f"  held-out target {record['target']} is not in the top {k}")
+
+
+def cmd_recommend(ns: argparse.Namespace) -> None:
+    import json
+
+    asked = ns.history or ns.histories or ns.user
+    if ns.split and (asked or ns.k is not None):
+        raise GridError(
+            "--split writes every user's top-20 list as the run evaluated it: give it without "
+            "histories, users or -k"
+        )
+    if ns.out and not ns.split:
+        raise GridError("--out names the file of --split; print recommendations with --json")
+    if ns.next and not ns.user:
+        raise GridError("--next ranks past a dataset user's sequence: give --user ID with it")
+    ns.k = 10 if ns.k is None else ns.k
+    if not (ns.split or asked):
+        raise GridError(
+            "say what to rank for: --history IDS, --histories FILE, --user ID or --split"
+        )
+    from grid.recommend import list_metrics, load_run
+
+    if not ns.verbose:  # Lightning sets its loggers to INFO on import
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    histories, labels = list(ns.history or []), [None] * len(ns.history or [])
+    if ns.histories:
+        more, more_labels = _read_histories(ns.histories)
+        histories, labels = histories + more, labels + more_labels
+    run = load_run(ns.run, ns.device)
+    if ns.split:
+        path = run.write_lists(ns.split, ns.out)
+        recomputed = list_metrics(path)
+        stored = {k: run.metrics.get(f"{ns.split}/{k}", float("nan")) for k in recomputed}
+        keys = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (10, 20)]
+        print(f"{ns.split} users' top-20 lists -> {path}")
+        for what, values in (("recomputed from the lists", recomputed), ("metrics.json", stored)):
+            print(f"{what:>26}: " + ", ".join(f"{k} {values[k]:.4f}" for k in keys))
+        return
+    records = []
+    if histories:
+        records += run.recommend(histories, ns.k, ns.skip_unknown, labels)
+    if ns.user:
+        records += run.recommend_users(ns.user, ns.k, ns.next)
+    if ns.json:
+        for record in records:
+            print(json.dumps(record))
+    else:
+        _print_records(records, run, ns.k)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grid",
@@ -273,6 +373,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--smoke", action="store_true", help="the file's smoke: overrides, as table NAME-smoke"
     )
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser(
+        "recommend",
+        help="rank items with a finished run: for histories, users, or every test user",
+        description="Load a finished run (RUN_DIR holds config.yaml, metrics.json, model.ckpt, "
+        "sids.npz) and print the top-K items, with the generator's score and the item's text, "
+        "for histories of item ids or for dataset users; or write every test (or validation) "
+        "user's ranked list beside the held-out target, exactly as the run evaluated it.",
+    )
+    p.add_argument("run", metavar="RUN_DIR", help="the --out folder of a finished grid run")
+    p.add_argument(
+        "--history",
+        action="append",
+        metavar="IDS",
+        help='a history of item ids, oldest first: "B004 B007" (repeatable)',
+    )
+    p.add_argument(
+        "--histories", metavar="FILE", help="a file of histories, one a line (optional LABEL<TAB>)"
+    )
+    p.add_argument(
+        "--user",
+        action="append",
+        metavar="ID",
+        help="a dataset user: its test history, held-out item shown (repeatable)",
+    )
+    p.add_argument("--next", action="store_true", help="--user: rank after the whole sequence")
+    p.add_argument("-k", type=int, help="items per list (default 10)")
+    p.add_argument("--json", action="store_true", help="one JSON object per history")
+    p.add_argument(
+        "--skip-unknown",
+        action="store_true",
+        help="leave unknown item ids out of histories (default: refuse them)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("test", "valid"),
+        help="write every user's top-20 list and held-out target, as the run evaluated them",
+    )
+    p.add_argument("--out", help="--split: the file (default RUN_DIR/ranked_<split>.jsonl)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU if there is one)")
+    p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser(
         "config", help="inspect configs", description="Inspect the composed configuration."

@@ -204,8 +204,7 @@ def tokenize(
 
     folder, hit = cache.get("sids", key, build)
     log.info("semantic IDs %s (%s)", key, "cached" if hit else "computed")
-    saved = np.load(folder / "sids.npz")
-    sids = SemanticIDs(saved["codes"], tuple(saved["vocab_sizes"]), bool(saved["ordered"]))
+    sids = SemanticIDs.load(folder / "sids.npz")
     return sids, key, json.loads((folder / "tokenizer_report.json").read_text())
 
 

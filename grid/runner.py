@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from grid.cache import StageCache, stage_key
 from grid.config import to_yaml
-from grid.data import SOURCE_FIELDS, SequenceDataModule
+from grid.data import SOURCE_FIELDS, SequenceDataModule, Split
 from grid.errors import GridError
 from grid.generators import GENERATORS, Popularity, Recommender
 from grid.metrics import KS
@@ -58,7 +58,10 @@ RUN_FILES = (
     "tokenizer_report.json",
     "logs/metrics.csv",
     "logs/hparams.yaml",
+    "ranked_test.jsonl",  # grid recommend --split
+    "ranked_valid.jsonl",
 )
+MATMUL_PRECISION = "high"  # float32 matmuls of training and evaluation (TF32 on GPUs)
 
 
 def main_process() -> bool:
@@ -408,6 +411,22 @@ def keep_freed_memory() -> None:
     libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never trim the heap top
 
 
+def make_datamodule(cfg: DictConfig, split: Split) -> SequenceDataModule:
+    """A run's training samples and evaluation users, batched as the config says."""
+    t = cfg.trainer
+    return SequenceDataModule(
+        split,
+        cfg.data.max_history,
+        cfg.data.sliding_window,
+        t.batch_size,
+        t.eval_batch_size,
+        t.bucket_by_length,
+        cfg.seed,
+        t.val_users,
+        fixed_shapes=t.get("packed", True) is False,  # a run folder from before it: packed
+    )
+
+
 def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     """Run the pipeline of a composed config; write config.yaml, metrics.json and stage outputs.
 
@@ -423,7 +442,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     start = time.perf_counter()
     keep_freed_memory()
     L.seed_everything(cfg.seed, verbose=False)
-    torch.set_float32_matmul_precision("high")
+    torch.set_float32_matmul_precision(MATMUL_PRECISION)
     generator_cls = component(GENERATORS, cfg.generator, "generator")
     generator_cls.check_params(**params(cfg.generator))  # before the costly stages
     check_devices(cfg.trainer)
@@ -442,17 +461,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
             (out / "tokenizer_report.json").write_text(report)
             shutil.copy(cache.path("sids", stages.sids_key) / "sids.npz", out / "sids.npz")
     t = cfg.trainer
-    datamodule = SequenceDataModule(
-        stages.split,
-        cfg.data.max_history,
-        cfg.data.sliding_window,
-        t.batch_size,
-        t.eval_batch_size,
-        t.bucket_by_length,
-        cfg.seed,
-        t.val_users,
-        fixed_shapes=not t.packed,
-    )
+    datamodule = make_datamodule(cfg, stages.split)
     inputs = stages.inputs()
     model = generator_cls.build(inputs, **params(cfg.generator), packed=t.packed)
     if model.trainable:

@@ -45,6 +45,12 @@ class SemanticIDs:
         self._members = order  # items sorted by group
         self._offsets = np.concatenate([[0], np.cumsum(counts)])
 
+    @classmethod
+    def load(cls, path) -> SemanticIDs:
+        """Read a `sids.npz` (codes, vocab_sizes, ordered) as the tokenizer stage writes it."""
+        saved = np.load(path)
+        return cls(saved["codes"], tuple(saved["vocab_sizes"]), bool(saved["ordered"]))
+
     @property
     def num_items(self) -> int:
         return len(self.codes)
@@ -73,9 +79,11 @@ class SemanticIDs:
         return self._members[self._offsets[group] : self._offsets[group + 1]]
 
     def pick_items(
-        self, groups: torch.Tensor, generator: torch.Generator | None = None
+        self, groups: torch.Tensor, users: torch.Tensor | None = None, seed: int = 0
     ) -> torch.Tensor:
-        """Map unique-SID rows to items, a uniformly random member where several share one.
+        """Map unique-SID rows `[B, n]` to items; where several items share a SID, a member
+        drawn uniformly by a hash of (seed, user, SID), so a user's draw is the same whatever
+        the batch or process (`users [B]`; None: user 0 for every row).
 
         Entries < 0 (no SID decoded) stay -1.
         """
@@ -83,10 +91,24 @@ class SemanticIDs:
         valid = g >= 0
         gv = np.where(valid, g, 0)
         sizes = self.group_sizes[gv]
-        u = torch.rand(g.shape, generator=generator).numpy()
+        user = np.zeros(len(g), dtype=np.int64) if users is None else users.cpu().numpy()
+        u = hash_uniform(np.int64(seed), user[:, None], gv)
         pick = np.minimum((u * sizes).astype(np.int64), sizes - 1)
         items = self._members[self._offsets[gv] + pick]
         return torch.as_tensor(np.where(valid, items, -1), device=groups.device)
+
+
+def hash_uniform(*keys: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1), one per element of the broadcast integer `keys`, from SplitMix64's
+    mixer: the same keys always give the same draw, neighbouring keys unrelated ones."""
+    x = np.zeros(np.broadcast_shapes(*(np.shape(k) for k in keys)), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for key in keys:
+            x = x + np.asarray(key).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def deduplicate(codes: np.ndarray) -> np.ndarray:

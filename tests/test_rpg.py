@@ -139,8 +139,12 @@ def test_exact_scores_equal_a_per_item_loop(sids, batch, monkeypatch):
     assert torch.equal(top, ranking.topk(20, dim=1).indices)
     torch.testing.assert_close(scores.gather(1, top), scores.topk(20, dim=1).values)
     # scored 7 items at a time, the running top-k merged
-    blocks_of_7 = rpg.exact_top_k(code_table(rpg, batch), 20, chunk_bytes=4 * 48 * 7)
+    blocks_of_7, _ = rpg.exact_top_k(code_table(rpg, batch), 20, chunk_bytes=4 * 48 * 7)
     assert torch.equal(blocks_of_7, top)
+    # the score shown for each item: its summed code logits
+    ids, summed = rpg.recommend_scored(batch, 20)
+    assert torch.equal(ids, top)
+    torch.testing.assert_close(summed, ranking.gather(1, top) * sids.length)
     monkeypatch.setattr(rpg_module, "SCORE_USERS", 10)  # users scored 10 at a time
     assert torch.equal(rpg.recommend(batch, 20), top)
     assert rpg.recommend(batch, 250)[:, 200:].eq(-1).all()  # k beyond the catalogue pads

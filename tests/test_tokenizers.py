@@ -329,9 +329,15 @@ def test_dedup_and_random_strategies(X, rkmeans):
     coarse = ResidualKMeans(levels=1, codebook_size=16, niter=5).fit(X).encode(X)
     sids = assign_sids(coarse, (16,), "random")
     groups = torch.arange(sids.num_unique).repeat(20)
-    items = sids.pick_items(groups, torch.Generator().manual_seed(0)).numpy()
+    users = torch.arange(len(groups))
+    items = sids.pick_items(groups[:, None], users).numpy()[:, 0]
     np.testing.assert_array_equal(coarse[items], sids.unique_codes[groups.numpy()])
     assert len(np.unique(items)) > sids.num_unique  # several members get picked
+    # a user's draw is the same in any batch; another seed draws others
+    alone = sids.pick_items(groups[5:9, None], users[5:9]).numpy()[:, 0]
+    np.testing.assert_array_equal(alone, items[5:9])
+    reseeded = sids.pick_items(groups[:, None], users, seed=1).numpy()[:, 0]
+    assert (reseeded != items).any()
 
 
 def test_opq_has_no_balanced_strategy(X, opq):

@@ -6,7 +6,7 @@ import logging
 import time
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import lightning as L
@@ -22,24 +22,30 @@ from grid.sids import SemanticIDs
 log = logging.getLogger(__name__)
 
 TOP_K_BLOCK = 64  # items summarised by their maximum in `top_k`
+NO_ITEM = -1  # a ranked list's id where fewer than k items were found
+INVALID_SID = -2  # `recommend_scored`'s id for a decoded SID that is no item's (free decoding)
 
 
 @contextmanager
-def bf16_matmuls(enabled: bool = True) -> Iterator[None]:
+def matmul_precision(precision: str) -> Iterator[None]:
+    """`torch.set_float32_matmul_precision(precision)` inside the block, restored after it."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def bf16_matmuls(enabled: bool = True) -> AbstractContextManager:
     """float32 matmuls computed from bf16-rounded inputs but accumulated and returned in float32
     (`torch.set_float32_matmul_precision("medium")`: oneDNN's bf32 on CPUs with bf16 dot
     products, TF32 on GPUs): bf16 speed without rounding the results to bf16, which would tie
     scores that ranking must tell apart. Inside a compiled graph it changes nothing: the global
     setting cannot be traced, and the graph keeps the precision in force (`high`: TF32)."""
     if not enabled or torch.compiler.is_compiling():
-        yield
-        return
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
+        return nullcontext()
+    return matmul_precision("medium")
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,10 +75,12 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return top.values, cols.gather(1, top.indices)
 
 
-def running_top_k(blocks: Iterable[tuple[int, torch.Tensor]], k: int) -> torch.Tensor:
-    """Item ids `[B, min(k, n)]` of each row's k best of n items, best first, from blocks of
-    scores `(start, [B, b])` of items `start .. start + b - 1`: each block's top-k is merged into
-    the running top-k, so only one block of scores is held at a time."""
+def running_top_k(
+    blocks: Iterable[tuple[int, torch.Tensor]], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and item ids `[B, min(k, n)]` of each row's k best of n items, best first, from
+    blocks of scores `(start, [B, b])` of items `start .. start + b - 1`: each block's top-k is
+    merged into the running top-k, so only one block of scores is held at a time."""
     best = None
     for start, scores in blocks:
         values, ids = top_k(scores, k)
@@ -82,18 +90,31 @@ def running_top_k(blocks: Iterable[tuple[int, torch.Tensor]], k: int) -> torch.T
             top = values.topk(min(k, values.shape[1]), dim=1)
             values, ids = top.values, ids.gather(1, top.indices)
         best = values, ids
-    return best[1]
+    return best
 
 
-def pad_ranked(ids: torch.Tensor, k: int) -> torch.Tensor:
-    """Ranked ids `[B, <= k]` widened to `[B, k]` with -1 where a list runs short."""
-    return ids if ids.shape[1] >= k else F.pad(ids, (0, k - ids.shape[1]), value=-1)
+def pad_ranked(
+    ids: torch.Tensor, scores: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranked ids and their scores `[B, <= k]` widened to `[B, k]` with id NO_ITEM and score
+    -inf where a list runs short."""
+    if ids.shape[1] >= k:
+        return ids, scores
+    pad = (0, k - ids.shape[1])
+    return F.pad(ids, pad, value=NO_ITEM), F.pad(scores, pad, value=float("-inf"))
+
+
+def top_k_scored(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Item ids and scores `[B, k]` of each row's k best `scores [B, num_items]`, best first;
+    -1 (score -inf) past the catalogue's end."""
+    values, ids = top_k(scores, k)
+    return pad_ranked(ids, values, k)
 
 
 def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Item ids `[B, k]` of each row's k best `scores [B, num_items]`, best first; -1 past the
     catalogue's end."""
-    return pad_ranked(top_k(scores, k)[1], k)
+    return top_k_scored(scores, k)[0]
 
 
 @dataclass
@@ -111,9 +132,9 @@ class PipelineInputs:
 class Recommender(L.LightningModule):
     """A LightningModule that ranks items for a batch of histories.
 
-    Subclasses implement `recommend(batch, k)` (and `training_step` when `trainable`). A batch
-    holds `user [B]`, `history [B, T]` (item ids, right-padded with -1), `length [B]` and
-    `target [B]`, and in evaluation `warm [B]` (target seen in training). Validation and test
+    Subclasses implement `recommend_scored(batch, k)` (and `training_step` when `trainable`).
+    A batch holds `user [B]`, `history [B, T]` (item ids, right-padded with -1), `length [B]`
+    and `target [B]`, and in evaluation `warm [B]` (target seen in training). Validation and test
     compute Recall@K and NDCG@K over all items (overall, warm and cold), coverage and entropy.
 
     `packed=False` is the fixed-shape training path (the default on GPUs): transformer layers
@@ -145,6 +166,8 @@ class Recommender(L.LightningModule):
         self._infer_seconds = 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # GPU timing
         self.test_per_user: dict[str, np.ndarray] = {}  # per-user test rows (per_user.npz)
+        # (user, ids, scores) of each evaluated batch, when set to a list
+        self.recorded: list[tuple[torch.Tensor, ...]] | None = None
 
     @property
     def selecting(self) -> bool:
@@ -209,8 +232,23 @@ class Recommender(L.LightningModule):
         self.log(name, loss, prog_bar=prog_bar, batch_size=len(batch["target"]))
 
     @abstractmethod
+    def recommend_scored(
+        self, batch: dict[str, torch.Tensor], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ids `[B, k]`, best first, and the generator's score of each (float32).
+
+        Where fewer than k items were found the id is NO_ITEM and the score -inf; a decoded SID
+        that is no item's (free decoding) is INVALID_SID, after every real item.
+        """
+
     def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
         """Item ids `[B, k]`, best first; -1 where fewer than k items were found."""
+        return self.recommend_scored(batch, k)[0].clamp(min=NO_ITEM)
+
+    def start_inference(self) -> None:
+        """Build what evaluation caches (item tables, search indexes, graphs) for calls of
+        `recommend_scored` outside a Trainer; weights must not change afterwards."""
+        self._eval_start()
 
     # --- evaluation ---------------------------------------------------------------------------
 
@@ -220,21 +258,29 @@ class Recommender(L.LightningModule):
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            ranked = self.recommend(batch, max(self.ks))
+            ranked, scores = self.recommend_scored(batch, max(self.ks))
             end.record()
             self._events.append((start, end))
         else:
             start = time.perf_counter()
-            ranked = self.recommend(batch, max(self.ks))
+            ranked, scores = self.recommend_scored(batch, max(self.ks))
             self._infer_seconds += time.perf_counter() - start
         self._totals.update(ranked, batch["target"], batch.get("warm"), batch.get("user"))
         self._users += len(batch["target"])
+        self._record(batch, ranked, scores)
+
+    def _record(self, batch: dict[str, torch.Tensor], ranked, scores) -> None:
+        """Keep the batch's ranked lists while `recorded` is a list (`grid recommend --split`)."""
+        if self.recorded is not None:
+            self.recorded.append((batch["user"].cpu(), ranked.cpu(), scores.cpu()))
 
     def _eval_start(self) -> None:
         testing = self._trainer is not None and self._trainer.testing  # keep per-user rows
         self._totals = RankingTotals(self.num_items, self.ks, self.device, per_user=testing)
         self._users, self._infer_seconds = 0, 0.0
         self._events = []
+        if self.recorded is not None:
+            self.recorded = []
 
     def _event_seconds(self) -> float:
         """Seconds between the recorded CUDA events, after one synchronisation."""

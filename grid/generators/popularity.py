@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from grid.generators.base import PipelineInputs, Recommender
+from grid.generators.base import PipelineInputs, Recommender, pad_ranked
 
 
 class Popularity(Recommender):
@@ -22,6 +22,13 @@ class Popularity(Recommender):
         super().__init__(num_items, **kwargs)
         counts = np.bincount(np.concatenate(train_sequences), minlength=num_items)
         self.register_buffer("ranking", torch.as_tensor(np.argsort(-counts, kind="stable")))
+        self.register_buffer("counts", torch.as_tensor(counts, dtype=torch.float32))
 
-    def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
-        return self.ranking[:k].expand(len(batch["target"]), k)
+    def recommend_scored(
+        self, batch: dict[str, torch.Tensor], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most popular items, scored by their training interactions."""
+        top = self.ranking[:k]
+        top, scores = pad_ranked(top[None], self.counts[top][None], k)
+        B = len(batch["length"])
+        return top.expand(B, k), scores.expand(B, k)

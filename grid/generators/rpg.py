@@ -90,13 +90,15 @@ def distinct_stamped(cand: torch.Tensor, stamp: torch.Tensor) -> tuple[torch.Ten
     return cand, stamp.gather(1, cand) != slot
 
 
-def best_items(items: torch.Tensor, masked: torch.Tensor, score: Callable, n: int) -> torch.Tensor:
-    """The n best `items [B, C]` by `score(items)` `[B, C]`, best first, leaving out the `masked`
-    ones; -1 where a row has fewer."""
+def best_items(
+    items: torch.Tensor, masked: torch.Tensor, score: Callable, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n best `items [B, C]` by `score(items)` `[B, C]` and their scores, best first,
+    leaving out the `masked` ones; -1 (score -inf) where a row has fewer."""
     scores = score(items).masked_fill_(masked, float("-inf"))
     top = scores.topk(min(n, items.shape[1]), dim=1)
     best = items.gather(1, top.indices).masked_fill_(top.values == float("-inf"), -1)
-    return pad_ranked(best, n)
+    return pad_ranked(best, top.values, n)
 
 
 @torch.no_grad()
@@ -356,14 +358,16 @@ class RPG(Recommender):
 
     def exact_top_k(
         self, table: torch.Tensor, k: int, chunk_bytes: int = SCORE_CHUNK_BYTES
-    ) -> torch.Tensor:
-        """Top-k items `[B, k]` over the whole catalogue for the users of a `code_table`,
-        scoring a block of items at a time (their `[block, B]` scores within `chunk_bytes`)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k items `[B, k]` over the whole catalogue for the users of a `code_table` and
+        their summed logits, scoring a block of items at a time (their `[block, B]` scores
+        within `chunk_bytes`)."""
         block = max(1, chunk_bytes // (4 * table.shape[1]))
         starts = range(0, self.num_items, block)
         # each block's item-major sums, ranked through their transposed view
         blocks = ((s, sum_rows(self.item_index[s : s + block], table).T) for s in starts)
-        return pad_ranked(running_top_k(blocks, k), k)
+        values, ids = running_top_k(blocks, k)
+        return pad_ranked(ids, values, k)
 
     def build_graph(self) -> torch.Tensor:
         """The item graph of the current code embeddings (cached until the next training step)."""
@@ -391,13 +395,15 @@ class RPG(Recommender):
         scored = self.beam_width * (1 + self.steps * (self.n_edges + 1))
         return self.num_items <= GRAPH_LOOKUP_COST * scored
 
-    def graph_top_k(self, h: torch.Tensor, user: torch.Tensor, k: int) -> torch.Tensor:
+    def graph_top_k(
+        self, h: torch.Tensor, user: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Graph-constrained decoding: a seeded beam, moved `steps` times to its best neighbours.
 
         Each user's first beam is its own slice of a permutation drawn under `seed`, so results
         do not depend on how users are batched. The final list ranks the last round's candidates
         (the beam and its neighbours), so it may be longer than the beam. A candidate scores the
-        sum of its `code_table` rows, as in exact decoding.
+        sum of its `code_table` rows, as in exact decoding; returns the items and these sums.
         """
         states = self.unit_states(h)
         if not self._graph_reads_item_scores:
@@ -409,18 +415,18 @@ class RPG(Recommender):
             stamp = torch.empty(sums.shape, dtype=torch.int32, device=sums.device)
             score = partial(torch.gather, sums, 1)
             tops.append(self._walk(score, partial(distinct_stamped, stamp=stamp), us, k))
-        return torch.cat(tops)
+        return tuple(torch.cat(parts) for parts in zip(*tops, strict=True))
 
     def _walk(
         self, score: Callable, distinct: Callable, user: torch.Tensor, k: int
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`graph_top_k` with candidates `[B, C]` de-duplicated by `distinct` and scored by
         `score`."""
         graph = self.build_graph()
         W, N = self.beam_width, self.num_items
         cand = self.start_items[(user[:, None] * W + torch.arange(W, device=user.device)) % N]
         for _ in range(self.steps):
-            beam = best_items(*distinct(cand), score, W)
+            beam = best_items(*distinct(cand), score, W)[0]
             cand = torch.cat([beam, graph[beam].flatten(1).long()], dim=1)
         return best_items(*distinct(cand), score, k)
 
@@ -433,7 +439,10 @@ class RPG(Recommender):
         return self.decoding == "graph" and not self.selecting
 
     @torch.no_grad()
-    def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+    def recommend_scored(
+        self, batch: dict[str, torch.Tensor], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k items of largest summed code logits (cosine / tau over the m positions)."""
         h = self.user_state(batch["history"], batch["length"])
         if self._graph_decoding:
             return self.graph_top_k(h, batch["user"], k)
@@ -442,7 +451,8 @@ class RPG(Recommender):
         # the whole batch at once)
         users = SCORE_USERS if h.device.type == "cpu" else len(h)
         states = self.unit_states(h).split(users, 1)
-        return torch.cat([self.exact_top_k(self.code_table(s), k) for s in states])
+        tops = [self.exact_top_k(self.code_table(s), k) for s in states]
+        return tuple(torch.cat(parts) for parts in zip(*tops, strict=True))
 
     def _eval_start(self) -> None:
         super()._eval_start()

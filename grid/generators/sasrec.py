@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from grid.config import check_divides, check_fields
 from grid.data import last_items
-from grid.generators.base import Recommender, top_k_items
+from grid.generators.base import Recommender, top_k_scored
 from grid.metrics import KS
 
 
@@ -131,8 +131,11 @@ class SASRec(Recommender):
         """Scores `[B, num_items]` of every item for each history."""
         return self.user_state(batch["history"], batch["length"]) @ self.item_embeddings().T
 
-    def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
-        return top_k_items(self.scores(batch), k)
+    def recommend_scored(
+        self, batch: dict[str, torch.Tensor], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k items of largest inner product with the user state."""
+        return top_k_scored(self.scores(batch), k)
 
     def configure_optimizers(self):
         return self.optimizer(torch.optim.Adam, lr=self.lr, weight_decay=self.weight_decay)

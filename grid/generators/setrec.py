@@ -10,7 +10,12 @@ from torch import nn
 from grid.config import check_divides, check_fields
 from grid.data import last_items
 from grid.errors import GridError
-from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls, top_k_items
+from grid.generators.base import (
+    PipelineInputs,
+    Recommender,
+    bf16_matmuls,
+    top_k_scored,
+)
 from grid.generators.sasrec import Block, SASRec
 from grid.metrics import KS, RankingTotals
 
@@ -144,6 +149,7 @@ class SETRec(Recommender):
         self.blocks.apply(SASRec._init)
         self._cache: torch.Tensor | None = None  # `item_tokens()` during an evaluation
         self._beta_totals: list[RankingTotals] = []
+        self._beta_lists: list[list] = []
 
     def _autocast(self):
         """bf16 matmuls where enabled: on CPUs with bf16 dot products they run several x faster."""
@@ -252,13 +258,16 @@ class SETRec(Recommender):
             return (out * weight).flatten(1) @ tokens.flatten(1).T
 
     @torch.no_grad()
-    def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+    def recommend_scored(
+        self, batch: dict[str, torch.Tensor], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k items of best mixed score (1 - beta) x CF + beta x semantic."""
         if self.beta is None:
             raise GridError(
                 "setrec: beta is chosen on validation data: validate before testing, or set "
                 "generator.beta"
             )
-        return top_k_items(self.scores(batch, self.beta), k)
+        return top_k_scored(self.scores(batch, self.beta), k)
 
     # --- evaluation: beta chosen on validation -------------------------------------------------
 
@@ -271,14 +280,17 @@ class SETRec(Recommender):
         with torch.no_grad():
             self._cache = self.item_tokens()
         self._beta_totals = [RankingTotals(self.num_items, self.ks, self.device) for _ in BETAS]
+        self._beta_lists = [[] for _ in BETAS]  # each beta's recorded lists, when recording
 
     def validation_step(self, batch, batch_idx) -> None:
         if not self._selecting():
             return super().validation_step(batch, batch_idx)
         cf, semantic = self.dimension_scores(batch)
-        for totals, beta in zip(self._beta_totals, BETAS, strict=True):
-            ranked = top_k_items(torch.lerp(cf, semantic, beta), max(self.ks))
+        for totals, lists, beta in zip(self._beta_totals, self._beta_lists, BETAS, strict=True):
+            ranked, scores = top_k_scored(torch.lerp(cf, semantic, beta), max(self.ks))
             totals.update(ranked, batch["target"], batch.get("warm"))
+            if self.recorded is not None:
+                lists.append((batch["user"].cpu(), ranked.cpu(), scores.cpu()))
         self._users += len(batch["target"])
 
     def on_validation_epoch_end(self) -> None:
@@ -287,6 +299,8 @@ class SETRec(Recommender):
             chosen = torch.stack([torch.as_tensor(t.sums[SELECT_BY]) for t in self._beta_totals])
             best = int(reduce(chosen.to(self.device), reduce_op="sum").argmax())
             self._totals, self.beta = self._beta_totals[best], BETAS[best]
+            if self.recorded is not None:
+                self.recorded = self._beta_lists[best]
         self.log("setrec/beta", self.beta)
         super().on_validation_epoch_end()
         self._cache = None

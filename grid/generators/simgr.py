@@ -44,9 +44,9 @@ SCORE_CHUNK = 65536  # items scored per matmul: bounds the `[B, chunk]` score bl
 
 def top_k_inner_product(
     queries: torch.Tensor, items: torch.Tensor, k: int, chunk: int = SCORE_CHUNK
-) -> torch.Tensor:
-    """Ids `[B, min(k, N)]` of the items `[N, d]` with the largest inner product, best first,
-    scoring a chunk of items at a time."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inner products and ids `[B, min(k, N)]` of the items `[N, d]` with the largest inner
+    product, best first, scoring a chunk of items at a time."""
     starts = range(0, len(items), chunk)
     return running_top_k(((s, queries @ items[s : s + chunk].T) for s in starts), k)
 
@@ -222,13 +222,16 @@ class SimGR(Recommender):
         self._table = self._index = None
 
     @torch.no_grad()
-    def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+    def recommend_scored(
+        self, batch: dict[str, torch.Tensor], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k items of largest <user, item> / tau (the training logits)."""
         user = self.user_embeddings(batch["history"], batch["length"])
         if self._index is not None:
-            _, top = self._index.search(user.float().cpu().numpy(), min(k, self.num_items))
-            top = torch.as_tensor(top, device=user.device)
+            values, top = self._index.search(user.float().cpu().numpy(), min(k, self.num_items))
+            values, top = (torch.as_tensor(a, device=user.device) for a in (values, top))
         else:
             table = self.item_embeddings() if self._table is None else self._table
             with bf16_matmuls(self.bf16):
-                top = top_k_inner_product(user, table, k)
-        return pad_ranked(top, k)
+                values, top = top_k_inner_product(user, table, k)
+        return pad_ranked(top, values / self.tau, k)

@@ -12,7 +12,7 @@ from torch import nn
 from grid.config import check_fields
 from grid.data import last_items
 from grid.errors import GridError
-from grid.generators.base import PipelineInputs, Recommender, pad_ranked
+from grid.generators.base import INVALID_SID, PipelineInputs, Recommender, pad_ranked
 from grid.generators.beam_search import ConstrainedBeamSearch, ExhaustiveSearch, PrefixTable
 from grid.generators.layers import Block, Dropout, Layout, RelativeBias, RMSNorm
 from grid.metrics import KS
@@ -158,8 +158,7 @@ class TIGER(Recommender):
                 sids.num_unique,
                 sids.num_unique,
             )
-        self.seed = seed
-        self._pick = torch.Generator().manual_seed(seed)  # reseeded by every evaluation
+        self.seed = seed  # also draws among items that share a SID
 
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -462,21 +461,26 @@ class TIGER(Recommender):
         return beams.search(step, len(batch["length"]), device=self.item_tokens.device)
 
     @torch.no_grad()
-    def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+    def recommend_scored(
+        self, batch: dict[str, torch.Tensor], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best decoded SIDs' items and beam log-probabilities; SIDs that are no item's
+        (free decoding) follow the valid ones as INVALID_SID. Where several items share a SID,
+        one is drawn per (seed, user, SID): the same draw in any batch and any evaluation."""
         groups, scores = self.search(batch, k)
         real = scores > float("-inf")
+        invalid = (groups < 0) & real
         if self._decoding()[0] == "free":
-            self._invalid += int(((groups < 0) & real).sum())
+            self._invalid += int(invalid.sum())
             self._decoded += int(real.sum())
         order = torch.argsort((groups < 0).to(torch.uint8), dim=1, stable=True)
-        groups = pad_ranked(groups.gather(1, order)[:, :k], k)
-        return self.sids.pick_items(groups, generator=self._pick)
+        groups, scores, invalid = (t.gather(1, order)[:, :k] for t in (groups, scores, invalid))
+        items = self.sids.pick_items(groups, batch.get("user"), self.seed)
+        return pad_ranked(items.masked_fill(invalid, INVALID_SID), scores, k)
 
     def _eval_start(self) -> None:
         super()._eval_start()
         self._invalid = self._decoded = 0
-        # colliding items are drawn afresh each evaluation: a cached model scores as a fresh one
-        self._pick.manual_seed(self.seed)
 
     def _eval_end(self, stage: str) -> None:
         super()._eval_end(stage)
