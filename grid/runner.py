@@ -6,8 +6,10 @@ import ctypes
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -349,6 +351,16 @@ def keep_freed_memory() -> None:
     libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never trim the heap top
 
 
+def peak_memory() -> dict[str, float]:
+    """The process's peak resident memory so far (`run/peak_rss_mb`) and, on a GPU, the peak of
+    the tensors torch allocated (`run/peak_gpu_mb`)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"run/peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["run/peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
 def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     """Run the pipeline of a composed config; write config.yaml, metrics.json and stage outputs.
 
@@ -419,6 +431,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     if not main:
         return metrics
     metrics["run/seconds"] = time.perf_counter() - start
+    metrics.update(peak_memory())  # a run whose model came from the cache did not train it here
     if model.trainable and (folder / "training.json").is_file():  # from the run that trained it
         training = json.loads((folder / "training.json").read_text())
         metrics["train/seconds"] = training["seconds"]
