@@ -438,7 +438,11 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
         metrics["train/samples_per_s"] = training["samples_per_s"]
         metrics["train/devices"] = training.get("devices", 1)
     metrics.update(
-        {f"baseline/popularity/{k}": v for k, v in baseline.items() if not k.startswith("infer/")}
+        {
+            f"baseline/popularity/{k}": v
+            for k, v in baseline.items()
+            if not k.startswith(("infer/", "run/"))
+        }
     )
     if model.trainer.world_size == 1:  # a DDP rank holds its own users only: no gather yet
         _write_per_user(out, model.test_per_user, stages.dataset.users)
