@@ -103,6 +103,20 @@ def model_key(cfg: DictConfig, stages: Stages) -> str:
     )
 
 
+def _datamodule(cfg: DictConfig, stages: Stages) -> SequenceDataModule:
+    t = cfg.trainer
+    return SequenceDataModule(
+        stages.split,
+        cfg.data.max_history,
+        cfg.data.sliding_window,
+        t.batch_size,
+        t.eval_batch_size,
+        t.bucket_by_length,
+        cfg.seed,
+        t.val_users,
+    )
+
+
 def _trainer(cfg: DictConfig, out: Path, callbacks=(), logger=False) -> L.Trainer:
     t = cfg.trainer
     return L.Trainer(
@@ -393,17 +407,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
             report = json.dumps(stages.tokenizer_report, indent=2)
             (out / "tokenizer_report.json").write_text(report)
             shutil.copy(cache.path("sids", stages.sids_key) / "sids.npz", out / "sids.npz")
-    t = cfg.trainer
-    datamodule = SequenceDataModule(
-        stages.split,
-        cfg.data.max_history,
-        cfg.data.sliding_window,
-        t.batch_size,
-        t.eval_batch_size,
-        t.bucket_by_length,
-        cfg.seed,
-        t.val_users,
-    )
+    datamodule = _datamodule(cfg, stages)
     inputs = stages.inputs()
     model = generator_cls.build(inputs, **params(cfg.generator))
     if model.trainable:
@@ -454,3 +458,35 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     log_final(logger, metrics, stages.tokenizer_report)
     print(results_table(metrics, baseline))
     return metrics
+
+
+def measure_inference(folders: list[Path], rounds: int = 1) -> list[dict[str, float]]:
+    """Test inference of finished runs, timed back to back in this one process: each run's model
+    is rebuilt from its config.yaml and model.ckpt (stages from the cache), then tested `rounds`
+    times, runs interleaved. Per run: the test metrics of its last round, with the median
+    `infer/users_per_s` and `infer/seconds` over the rounds."""
+    keep_freed_memory()
+    torch.set_float32_matmul_precision("high")
+    loaded = []
+    for folder in folders:
+        cfg = OmegaConf.load(folder / "config.yaml")
+        cfg.trainer.progress_bar = False
+        L.seed_everything(cfg.seed, verbose=False)
+        generator_cls = component(GENERATORS, cfg.generator, "generator")
+        cache = StageCache(os.environ.get("GRID_CACHE", cfg.cache_dir))
+        stages = prepare(cfg, cache, generator_cls.consumes, min_items=max(KS))
+        model = generator_cls.build(stages.inputs(), **params(cfg.generator))
+        if model.trainable:
+            model.load_checkpoint(folder / "model.ckpt")
+        loaded.append((cfg, folder, model, _datamodule(cfg, stages)))
+    results: list[list[dict[str, float]]] = [[] for _ in folders]
+    for _ in range(rounds):
+        for (cfg, folder, model, datamodule), tested in zip(loaded, results, strict=True):
+            trainer = _trainer(cfg, folder)
+            with _interruptible(trainer):
+                test = trainer.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
+            tested.append({k: float(v) for k, v in test[0].items()})
+    for tested in results:
+        for name in ("infer/users_per_s", "infer/seconds"):
+            tested[-1][name] = float(np.median([t[name] for t in tested]))
+    return [tested[-1] for tested in results]
