@@ -126,12 +126,17 @@ TINY_MODELS = {
     "pop": ["generator=popularity"],
     "sasrec": ["generator=sasrec", "generator.hidden=8", "generator.blocks=1"],
     "simgr": ["generator=simgr", "generator.d_model=16", "generator.layers=1"],
+    "setrec": [
+        "generator=setrec",
+        "generator.hidden=8",
+        "generator.ae_hidden=[32]",
+    ],  # beta on valid
 }
 
 
 @pytest.fixture(scope="module")
 def board(small_beauty, tmp_path_factory):
-    """A sweep folder with one run of popularity, SASRec and SimGR x RK-Means; its stage cache
+    """A sweep folder with one run of popularity, SASRec, SimGR x RK-Means and SETRec; its cache
     stays GRID_CACHE while the module's tests run."""
     folder = tmp_path_factory.mktemp("board")
     with pytest.MonkeyPatch.context() as mp:
@@ -162,8 +167,13 @@ def test_leaderboard_ranks_labels_and_marks_the_fronts(board, tmp_path, capsys):
     assert board_md.startswith("# Leaderboard\n\ncustom: 6-step CPU budget. Ranked by mean")
     lines = [line for line in board_md.splitlines() if line.startswith("| ")]
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
-    assert [r[0] for r in rows] == ["1", "2", "3"]
-    labels = {"popularity": "pop", "sasrec": "sasrec", "simgr x rkmeans": "simgr"}
+    assert [r[0] for r in rows] == ["1", "2", "3", "4"]
+    labels = {
+        "popularity": "pop",
+        "sasrec": "sasrec",
+        "simgr x rkmeans": "simgr",
+        "setrec": "setrec",
+    }
     assert sorted(r[1] for r in rows) == sorted(labels)
     ndcg = [metrics(board / labels[r[1]])["test/ndcg@10"] for r in rows]
     assert ndcg == sorted(ndcg, reverse=True)
