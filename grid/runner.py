@@ -462,10 +462,10 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
 
 def measure_inference(folders: list[Path], rounds: int = 1) -> list[dict[str, float]]:
     """Test inference of finished runs, timed back to back in this one process: each run's model
-    is rebuilt from its config.yaml and model.ckpt (stages from the cache) and validated as the run
-    did (SETRec picks its beta there), then tested `rounds` times, runs interleaved. Per run: the
-    test metrics of its last round, with the median `infer/users_per_s` and `infer/seconds` over
-    the rounds."""
+    is rebuilt from its config.yaml and model.ckpt (stages from the cache), validated as the run
+    did where validation sets what inference uses (SETRec's beta), then tested `rounds` times,
+    runs interleaved. Per run: the test metrics of its last round, with the median
+    `infer/users_per_s` and `infer/seconds` over the rounds."""
     keep_freed_memory()
     torch.set_float32_matmul_precision("high")
     loaded = []
@@ -480,9 +480,10 @@ def measure_inference(folders: list[Path], rounds: int = 1) -> list[dict[str, fl
         if model.trainable:
             model.load_checkpoint(folder / "model.ckpt")
         datamodule = _datamodule(cfg, stages)
-        trainer = _trainer(cfg, folder)
-        with _interruptible(trainer):  # untimed, as the run validated before its test
-            trainer.validate(model, dataloaders=datamodule.full_val_dataloader(), verbose=False)
+        if model.chooses_on_validation():  # untimed, as the run validated before its test
+            trainer = _trainer(cfg, folder)
+            with _interruptible(trainer):
+                trainer.validate(model, datamodule.full_val_dataloader(), verbose=False)
         loaded.append((cfg, folder, model, datamodule))
     results: list[list[dict[str, float]]] = [[] for _ in folders]
     for _ in range(rounds):
