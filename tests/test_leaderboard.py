@@ -16,7 +16,7 @@ from grid.sweep import cells, load_sweep, plan, run_id
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LEADERBOARD = ROOT / "experiments" / "leaderboard.yaml"
+LEADERBOARD = ROOT / "experiments" / "sweep_leaderboard.yaml"
 
 
 def write_sweep(folder, **fields):
