@@ -155,7 +155,9 @@ def cmd_tokenize(ns: argparse.Namespace) -> None:
 def cmd_report(ns: argparse.Namespace) -> None:
     from grid.report import report
 
-    if ns.remeasure and not ns.verbose:  # Lightning sets its loggers to INFO on import
+    if ns.remeasure and not ns.verbose:
+        import grid.runner  # noqa: F401  (Lightning sets its loggers to INFO on import)
+
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     report(ns.folders, ns.out, ns.metric, ns.baseline, ns.remeasure)
 
