@@ -490,7 +490,7 @@ def plot_tradeoff(
     shown = [i for i, c in enumerate(configs) if not math.isnan(c.mean.get(key, math.nan))]
     front = fronts(configs, metric, axis)
     fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=110)
-    for n, i in enumerate(shown):
+    for i in shown:
         c = configs[i]
         x, y = c.mean[key], c.mean[metric]
         xerr, yerr = np.nan_to_num(c.std[key]), np.nan_to_num(c.std[metric])
@@ -498,7 +498,7 @@ def plot_tradeoff(
         if front[i]:
             ax.plot(x, y, "o", ms=12, mfc="none", mec=bar[0].get_color(), mew=1.5)
         label = model_label(c) + (f" ({_dataset(c)})" if _dataset(c) else "")
-        ax.annotate(label, (x, y), xytext=(6, 6 if n % 2 else -11), textcoords="offset points",
+        ax.annotate(label, (x, y), xytext=(8, 0), textcoords="offset points", va="center",
                     fontsize=7)  # fmt: skip
     for dataset in dict.fromkeys(_dataset(configs[i]) for i in shown):
         points = sorted(
