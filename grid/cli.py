@@ -199,7 +199,11 @@ def cmd_data_fetch(ns: argparse.Namespace) -> None:
 def cmd_report(ns: argparse.Namespace) -> None:
     from grid.report import report
 
-    report(ns.folders, ns.out, ns.metric, ns.baseline)
+    if ns.remeasure and not ns.verbose:
+        import grid.runner  # noqa: F401  (Lightning sets its loggers to INFO on import)
+
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    report(ns.folders, ns.out, ns.metric, ns.baseline, ns.remeasure)
 
 
 def _read_histories(path: str) -> tuple[list[str], list[str | None]]:
@@ -486,6 +490,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         help="row index or KEY=VALUE[,KEY=VALUE] of the configuration the others are tested "
         "against (default: row 0)",
+    )
+    p.add_argument(
+        "--remeasure",
+        nargs="?",
+        type=int,
+        const=3,
+        default=0,
+        metavar="ROUNDS",
+        help="time every run's test inference again in this one process (models reloaded from "
+        "model.ckpt, stages from the cache), runs interleaved, median of ROUNDS rounds "
+        "(default 3), instead of the users/s each run recorded under its own load",
     )
     p.set_defaults(func=cmd_report)
     return parser

@@ -4,7 +4,9 @@ A configuration is a resolved config up to `seed` and the fields that only choos
 a run logs (IGNORED). Its seeds give a mean and a sample standard deviation (ddof=1) of every
 test metric; each configuration is tested against a baseline configuration with a paired t-test
 over test users on the per-user values of per_user.npz, each user's value averaged over the
-configuration's seeds first.
+configuration's seeds first. A leaderboard ranks the configurations by the metric, as
+`generator x tokenizer`, and marks the Pareto front of the metric against inference speed and
+against training time.
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ PAIRED = ("ndcg@10", "recall@10")  # per-user metrics of the significance test
 # even when the model came from the cache.
 TIMINGS = ("infer/users_per_s", "train/seconds", "run/seconds")
 MAIN = ("test/recall@10", "test/ndcg@10", "test/recall@20", "test/ndcg@20", "test/coverage@10")
+# Peak memory of a run: GPU tensors where the runs used a GPU, else the process's resident set.
+PEAK_MEMORY = ("run/peak_gpu_mb", "run/peak_rss_mb")
+LEADERBOARD = ("test/recall@10", "test/ndcg@10", "infer/users_per_s", "train/seconds")
+SHORT = {
+    "infer/users_per_s": "users/s",
+    "train/seconds": "train s",
+    "run/seconds": "run s",
+    "run/peak_gpu_mb": "peak GPU MB",
+    "run/peak_rss_mb": "peak RSS MB",
+}
 MISSING = "—"
 
 
@@ -316,12 +328,16 @@ def _fmt(x: float, digits: int) -> str:
     return "" if math.isnan(x) else f"{x:.{digits}f}"
 
 
+def _mean_std(c: Configuration, name: str) -> str:
+    """`mean ± std`: metrics with 4 decimals, timings with 1 (0 from 100 up); one seed: no std."""
+    digits = 4 if name.startswith("test/") else 1 if abs(c.mean[name]) < 100 else 0
+    mean, std = _fmt(c.mean[name], digits), _fmt(c.std[name], digits)
+    return f"{mean} ± {std}" if std else mean
+
+
 def _cells(c: Configuration, columns: list[str], baseline: int, row: int) -> list[str]:
     cells = [str(row), *(_text(v) for v in c.settings.values()), str(len(c.runs))]
-    for name in columns:  # metrics with 4 decimals, timings with 1 (0 from 100 up)
-        digits = 4 if name.startswith("test/") else 1 if abs(c.mean[name]) < 100 else 0
-        mean, std = _fmt(c.mean[name], digits), _fmt(c.std[name], digits)
-        cells.append(f"{mean} ± {std}" if std else mean)
+    cells += [_mean_std(c, name) for name in columns]
     for metric in PAIRED:
         p = c.p.get(metric, math.nan)
         cells.append("baseline" if row == baseline else "n/a" if math.isnan(p) else f"{p:.3g}")
@@ -330,9 +346,8 @@ def _cells(c: Configuration, columns: list[str], baseline: int, row: int) -> lis
 
 def markdown_table(configs: list[Configuration], columns: list[str], baseline: int) -> str:
     """A Markdown table: row, varying keys, seeds, mean ± std per column, p-values."""
-    short = {"infer/users_per_s": "users/s", "train/seconds": "train s", "run/seconds": "run s"}
     head = ["#", *configs[0].settings, "seeds"]
-    head += [short.get(n, n.removeprefix("test/")) for n in columns]
+    head += [SHORT.get(n, n.removeprefix("test/")) for n in columns]
     head += [f"p {m}" for m in PAIRED]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, c in enumerate(configs):
@@ -382,23 +397,169 @@ def plot_metric(path: Path, configs: list[Configuration], metric: str) -> None:
     plt.close(fig)
 
 
-def plot_speed(path: Path, configs: list[Configuration], metric: str) -> None:
-    """`metric` against inference users/s (log axis), ±std both ways, one point per config."""
+def model_label(c: Configuration) -> str:
+    """`generator x tokenizer` (the tokenizer only where the generator read SIDs), then the
+    other varying settings except the dataset."""
+    run = c.runs[0]
+    name = _text(run.config.get("defaults.generator", run.config.get("generator.name")))
+    if (run.path / "sids.npz").is_file():  # the runner keeps the SIDs a generator read
+        name += f" x {_text(run.config.get('defaults.tokenizer'))}"
+    rest = {
+        k: v
+        for k, v in c.settings.items()
+        if k not in ("generator", "tokenizer") and not _is_dataset(k) and v is not MISSING
+    }
+    return ", ".join([name, *(f"{k}={_text(v)}" for k, v in rest.items())])
+
+
+def _is_dataset(key: str) -> bool:
+    return key == "data" or key.startswith("data.")
+
+
+def _dataset(c: Configuration) -> str:
+    """The configuration's dataset settings where they vary between configurations, else ''."""
+    return ", ".join(_text(v) for k, v in c.settings.items() if _is_dataset(k))
+
+
+def pareto_front(cost: list[float], quality: list[float]) -> list[bool]:
+    """Whether each point is on the Pareto front: no other point has lower or equal cost and
+    higher or equal quality, one of them strictly. Points with a NaN are never on it."""
+    points = list(zip(cost, quality, strict=True))
+    valid = [not (math.isnan(c) or math.isnan(q)) for c, q in points]
+    front = []
+    for i, (c, q) in enumerate(points):
+        beaten = any(
+            valid[j] and j != i and c2 <= c and q2 >= q and (c2 < c or q2 > q)
+            for j, (c2, q2) in enumerate(points)
+        )
+        front.append(valid[i] and not beaten)
+    return front
+
+
+# x axes of the trade-off plots: metric key, axis label, whether more is better
+SPEED = ("infer/users_per_s", "inference users/s (log)", True)
+TRAINING = ("train/seconds", "training seconds (log)", False)
+
+
+def fronts(configs: list[Configuration], metric: str, axis: tuple) -> list[bool]:
+    """The Pareto front of `metric` against an x axis, within each dataset."""
+    key, _, more_is_better = axis
+    on = [False] * len(configs)
+    for dataset in dict.fromkeys(map(_dataset, configs)):
+        rows = [i for i, c in enumerate(configs) if _dataset(c) == dataset]
+        cost = [configs[i].mean.get(key, math.nan) * (-1 if more_is_better else 1) for i in rows]
+        quality = [configs[i].mean[metric] for i in rows]
+        for i, front in zip(rows, pareto_front(cost, quality), strict=True):
+            on[i] = front
+    return on
+
+
+def budget(runs: list[Run]) -> str:
+    """The runs' training budget for titles, e.g. `2-epoch CPU budget, not converged` when some
+    model's best validation came in its last epoch (it was still improving)."""
+    epochs = "/".join(sorted({_text(r.config.get("trainer.max_epochs")) for r in runs}))
+    steps = {r.config.get("trainer.max_steps", -1) for r in runs}
+    size = f"{epochs}-epoch" if -1 in steps else f"{'/'.join(map(str, sorted(steps)))}-step"
+    trainer = "/".join(sorted({_text(r.config.get("defaults.trainer")).upper() for r in runs}))
+    text = f"{size} {trainer} budget"
+    selected = [r for r in runs if (r.path / "selection.json").is_file()]
+    last = [
+        r
+        for r in selected
+        if json.loads((r.path / "selection.json").read_text()).get("epoch", -1)
+        >= r.config.get("trainer.max_epochs", math.inf) - 1
+    ]
+    if last:
+        text += f", not converged ({len(last)} of {len(selected)} models best in the last epoch)"
+    return text
+
+
+def _title(runs: list[Run]) -> str:
+    datasets = ", ".join(sorted({_text(r.config.get("defaults.data")) for r in runs}))
+    return f"{datasets}: {budget(runs)}"
+
+
+def leaderboard_table(configs: list[Configuration], metric: str) -> str:
+    """Configurations ranked by mean `metric` within each dataset: Recall/NDCG@10, users/s,
+    training seconds, peak memory, coverage@10 and the Pareto fronts they are on."""
+    peak = [n for n in PEAK_MEMORY if any(n in c.mean for c in configs)][:1]
+    columns = [*LEADERBOARD, *peak, "test/coverage@10"]
+    columns += [metric] if metric not in columns else []
+    speed, training = fronts(configs, metric, SPEED), fronts(configs, metric, TRAINING)
+    datasets = any(_dataset(c) for c in configs)
+    head = ["rank", *(["data"] if datasets else []), "generator x tokenizer", "seeds"]
+    head += [SHORT.get(n, n.removeprefix("test/")) for n in columns] + ["Pareto front"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = sorted(
+        range(len(configs)),
+        key=lambda i: (_dataset(configs[i]), -np.nan_to_num(configs[i].mean[metric], nan=-1)),
+    )
+    rank, previous = 0, None
+    for i in order:
+        c = configs[i]
+        rank = 1 if _dataset(c) != previous else rank + 1
+        previous = _dataset(c)
+        pareto = [n for n, on in (("speed", speed[i]), ("training", training[i])) if on]
+        cells = [str(rank), *([_dataset(c)] if datasets else []), model_label(c), str(len(c.runs))]
+        cells += [_mean_std(c, n) if n in c.mean else "" for n in columns]
+        lines.append("| " + " | ".join([*cells, ", ".join(pareto)]) + " |")
+    return "\n".join(lines)
+
+
+def plot_tradeoff(
+    path: Path, configs: list[Configuration], metric: str, axis: tuple, title: str
+) -> None:
+    """`metric` against an x axis (log), ±std both ways, each point labelled `generator x
+    tokenizer`, the Pareto front of each dataset drawn as a dashed line through ringed points.
+    Configurations without the x value (popularity has no training time) are left out."""
     plt = pyplot()
-    speed = TIMINGS[0]
-    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=100)
-    for c in configs:
-        x, y = c.mean[speed], c.mean[metric]
-        xerr, yerr = np.nan_to_num(c.std[speed]), np.nan_to_num(c.std[metric])
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=c.label)
+    key, xlabel, more_is_better = axis
+    shown = [i for i, c in enumerate(configs) if not math.isnan(c.mean.get(key, math.nan))]
+    front = fronts(configs, metric, axis)
+    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=110)
+    for i in shown:
+        c = configs[i]
+        x, y = c.mean[key], c.mean[metric]
+        xerr, yerr = np.nan_to_num(c.std[key]), np.nan_to_num(c.std[metric])
+        bar = ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, ms=5)
+        if front[i]:
+            ax.plot(x, y, "o", ms=12, mfc="none", mec=bar[0].get_color(), mew=1.5)
+        label = model_label(c) + (f" ({_dataset(c)})" if _dataset(c) else "")
+        ax.annotate(label, (x, y), xytext=(8, 0), textcoords="offset points", va="center",
+                    fontsize=7)  # fmt: skip
+    for dataset in dict.fromkeys(_dataset(configs[i]) for i in shown):
+        points = sorted(
+            (configs[i].mean[key], configs[i].mean[metric])
+            for i in shown
+            if front[i] and _dataset(configs[i]) == dataset
+        )
+        if len(points) > 1:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, "--", color="0.5", lw=1, zorder=0)
+    left = [model_label(c) for i, c in enumerate(configs) if i not in shown]
     ax.set_xscale("log")
-    ax.set_xlabel("inference users/s (log)")
+    ax.set_xlabel(xlabel + (f"; not shown: {', '.join(left)}" if left else ""))
     ax.set_ylabel(metric)
+    better = "right" if more_is_better else "left"
+    ax.set_title(f"{title}\nringed, dashed: Pareto front (up and to the {better} is better)",
+                 fontsize=9)  # fmt: skip
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.margins(x=0.15, y=0.1)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def remeasure_speed(runs: list[Run], rounds: int) -> None:
+    """Replace each run's recorded inference speed by one timed in this process (runs back to
+    back, median of `rounds` interleaved rounds), so that no two were timed under other loads."""
+    if rounds < 1:
+        raise GridError(f"--remeasure {rounds}: give 1 or more rounds")
+    from grid.runner import measure_inference  # torch and Lightning only when asked for
+
+    for run, tested in zip(runs, measure_inference([r.path for r in runs], rounds), strict=True):
+        for name in ("infer/users_per_s", "infer/seconds"):
+            run.metrics[name] = tested[name]
 
 
 def report(
@@ -406,15 +567,22 @@ def report(
     out: str | Path | None = None,
     metric: str = "test/ndcg@10",
     baseline: str | None = None,
+    remeasure: int = 0,
 ) -> list[Configuration]:
-    """Summarize the runs in `folders`; write report.md, report.csv and two PNG plots to `out`
-    (default: the first folder) and print the main table."""
+    """Summarize the runs in `folders`; write report.md, leaderboard.md, report.csv and three PNG
+    plots to `out` (default: the first folder) and print the main table and the leaderboard.
+    `remeasure` > 0 times every run's test inference again in this process, in that many rounds."""
     runs = load_runs(folders)
     metric = check_metric(runs, metric)
+    if remeasure:
+        remeasure_speed(runs, remeasure)
     configs = group(runs)
     every = metric_columns(runs)
     columns = [*every, *TIMINGS]
-    summarize(configs, sorted({*columns, metric}))
+    summarize(
+        configs,
+        sorted({*columns, metric, *(n for r in runs for n in PEAK_MEMORY if n in r.metrics)}),
+    )
     row = choose_baseline(configs, baseline)
     paired_tests(configs, row)
     main = [*(n for n in MAIN if n in every), *([metric] if metric not in MAIN else []), *TIMINGS]
@@ -424,20 +592,35 @@ def report(
         f"{len(runs)} runs, {len(configs)} configurations; mean ± std (ddof=1) over seeds; "
         f"p: paired t-test over test users against row {row} (seed-averaged per-user values)"
     )
+    speed = (
+        f"inference users/s timed back to back in this process (median of {remeasure} rounds)"
+        if remeasure
+        else "inference users/s as each run timed it (under its own load; --remeasure times "
+        "them all in one process)"
+    )
+    title = _title(runs)
     table = markdown_table(configs, main, row)
     full = markdown_table(configs, columns, row)
+    board = (
+        f"{title}. Ranked by mean {metric}; {speed}; train s: training time of the run that "
+        "trained the model; peak memory of the run's process; Pareto front: of "
+        f"{metric} against users/s (speed) and against training time (training).\n\n"
+        f"{leaderboard_table(configs, metric)}"
+    )
     runs_list = "\n".join(
         f"- {i}: {c.label}: {', '.join(str(r.path) for r in c.runs)}" for i, c in enumerate(configs)
     )
     (out / "report.md").write_text(
-        f"# grid report\n\n{head}\n\n{table}\n\n## Every test metric\n\n{full}\n\n"
-        f"## Runs\n\n{runs_list}\n"
+        f"# grid report\n\n{head}\n\n{table}\n\n## Leaderboard\n\n{board}\n\n"
+        f"## Every test metric\n\n{full}\n\n## Runs\n\n{runs_list}\n"
     )
+    (out / "leaderboard.md").write_text(f"# Leaderboard\n\n{board}\n")
     write_csv(out / "report.csv", configs, columns)
     plot_metric(out / "report_metric.png", configs, metric)
-    plot_speed(out / "report_speed.png", configs, metric)
+    plot_tradeoff(out / "report_speed.png", configs, metric, SPEED, title)
+    plot_tradeoff(out / "report_training.png", configs, metric, TRAINING, title)
     print(
-        f"{head}\n\n{table}\n\nwrote report.md, report.csv, report_metric.png, "
-        f"report_speed.png to {out}"
+        f"{head}\n\n{table}\n\n{board}\n\nwrote report.md, leaderboard.md, report.csv, "
+        f"report_metric.png, report_speed.png, report_training.png to {out}"
     )
     return configs

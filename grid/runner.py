@@ -8,8 +8,10 @@ import io
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -427,6 +429,16 @@ def make_datamodule(cfg: DictConfig, split: Split) -> SequenceDataModule:
     )
 
 
+def peak_memory() -> dict[str, float]:
+    """The process's peak resident memory so far (`run/peak_rss_mb`) and, on a GPU, the peak of
+    the tensors torch allocated (`run/peak_gpu_mb`)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"run/peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["run/peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
 def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     """Run the pipeline of a composed config; write config.yaml, metrics.json and stage outputs.
 
@@ -489,6 +501,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     if not main:
         return metrics
     metrics["run/seconds"] = time.perf_counter() - start
+    metrics.update(peak_memory())  # a run whose model came from the cache did not train it here
     if model.trainable and (folder / "training.json").is_file():  # from the run that trained it
         training = json.loads((folder / "training.json").read_text())
         metrics["train/seconds"] = training["seconds"]
@@ -497,7 +510,11 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
             metrics["train/epochs"] = training["epochs"]
         metrics["train/devices"] = training.get("devices", 1)
     metrics.update(
-        {f"baseline/popularity/{k}": v for k, v in baseline.items() if not k.startswith("infer/")}
+        {
+            f"baseline/popularity/{k}": v
+            for k, v in baseline.items()
+            if not k.startswith(("infer/", "run/"))
+        }
     )
     if model.trainer.world_size == 1:  # a DDP rank holds its own users only: no gather yet
         _write_per_user(out, model.test_per_user, stages.dataset.users)
@@ -509,3 +526,42 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
     log_final(logger, metrics, stages.tokenizer_report)
     print(results_table(metrics, baseline))
     return metrics
+
+
+def measure_inference(folders: list[Path], rounds: int = 1) -> list[dict[str, float]]:
+    """Test inference of finished runs, timed back to back in this one process: each run's model
+    is rebuilt from its config.yaml and model.ckpt (stages from the cache), validated as the run
+    did where validation sets what inference uses (SETRec's beta), then tested `rounds` times,
+    runs interleaved. Per run: the test metrics of its last round, with the median
+    `infer/users_per_s` and `infer/seconds` over the rounds."""
+    keep_freed_memory()
+    torch.set_float32_matmul_precision("high")
+    loaded = []
+    for folder in folders:
+        cfg = OmegaConf.load(folder / "config.yaml")
+        cfg.trainer.progress_bar = False
+        L.seed_everything(cfg.seed, verbose=False)
+        generator_cls = component(GENERATORS, cfg.generator, "generator")
+        cache = StageCache(os.environ.get("GRID_CACHE", cfg.cache_dir))
+        stages = prepare(cfg, cache, generator_cls.consumes, min_items=max(KS))
+        packed = cfg.trainer.get("packed", True)  # runs from before the fixed-shape path packed
+        model = generator_cls.build(stages.inputs(), **params(cfg.generator), packed=packed)
+        if model.trainable:
+            model.load_checkpoint(folder / "model.ckpt")
+        datamodule = make_datamodule(cfg, stages.split)
+        if model.chooses_on_validation():  # untimed, as the run validated before its test
+            trainer = _trainer(cfg, folder)
+            with _interruptible(trainer):
+                trainer.validate(model, datamodule.full_val_dataloader(), verbose=False)
+        loaded.append((cfg, folder, model, datamodule))
+    results: list[list[dict[str, float]]] = [[] for _ in folders]
+    for _ in range(rounds):
+        for (cfg, folder, model, datamodule), tested in zip(loaded, results, strict=True):
+            trainer = _trainer(cfg, folder)
+            with _interruptible(trainer):
+                test = trainer.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
+            tested.append({k: float(v) for k, v in test[0].items()})
+    for tested in results:
+        for name in ("infer/users_per_s", "infer/seconds"):
+            tested[-1][name] = float(np.median([t[name] for t in tested]))
+    return [tested[-1] for tested in results]

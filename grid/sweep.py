@@ -1,9 +1,12 @@
 """`grid sweep`: expand a sweep file into `grid run`s, launch them, collect one results table.
 
-A sweep file names a `base` experiment, a `grid` (cartesian product), `zip` (lists taken in
-step, crossed with the grid), `seeds` (crossed), fixed `overrides`, `smoke` overrides for a
-CPU-sized check and `slurm` settings. Each run is `grid run BASE OVERRIDES --out SWEEP_OUT/ID`
-with ID a hash of its resolved config, so a re-run skips finished runs and resumes the others.
+A sweep file names a `base` experiment, `cells` (a list of override sets, e.g. the tokenizer x
+generator pairs that make sense together), a `grid` (cartesian product, crossed with the cells),
+`zip` (lists taken in step, crossed with the grid), `seeds` (crossed), fixed `overrides`, `smoke`
+overrides for a CPU-sized check and `slurm` settings. Each run is
+`grid run BASE OVERRIDES --out SWEEP_OUT/ID` with ID a hash of its resolved config, so a re-run
+skips finished runs and resumes the others. Swept values given on the command line (`data=beauty`)
+pick the cells that have them.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from grid.runlock import busy, busy_message
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("base", "grid", "zip", "seeds", "overrides", "smoke", "slurm", "reproduce")
+FIELDS = ("base", "cells", "grid", "zip", "seeds", "overrides", "smoke", "slurm", "reproduce")
 # slurm: section -> submitit AutoExecutor parameter
 SLURM_FIELDS = {
     "partition": "slurm_partition",
@@ -55,6 +58,7 @@ class Sweep:
 
     path: Path
     base: Path | None
+    cells: list[dict[str, object]]
     grid: dict[str, list]
     zipped: dict[str, list]
     seeds: list[int]
@@ -66,7 +70,8 @@ class Sweep:
     @property
     def keys(self) -> list[str]:
         """The swept keys, in table order (seed last)."""
-        return [*self.grid, *self.zipped, *(["seed"] if self.seeds else [])]
+        listed = dict.fromkeys(key for cell in self.cells for key in cell)
+        return [*listed, *self.grid, *self.zipped, *(["seed"] if self.seeds else [])]
 
 
 @dataclass
@@ -106,6 +111,23 @@ def _values(path: Path, section: str, tree) -> dict[str, list]:
         if key == "seed":
             raise GridError(_where(path, f"list seeds under seeds:, not {section}.seed"))
     return dict(tree)
+
+
+def _cells(path: Path, items) -> list[dict[str, object]]:
+    """The `cells:` list: each a non-empty mapping of override keys to single values."""
+    if items is None:
+        return []
+    example = "e.g. cells: [{tokenizer: opq, generator: rpg}, {generator: sasrec}]"
+    if not isinstance(items, list) or not items:
+        raise GridError(_where(path, f"cells must be a non-empty list of mappings; {example}"))
+    for i, cell in enumerate(items):
+        if not isinstance(cell, dict) or not cell:
+            raise GridError(_where(path, f"cells[{i}] must map keys to values; {example}"))
+        if "seed" in cell:
+            raise GridError(_where(path, f"list seeds under seeds:, not in cells[{i}]"))
+        if items.index(cell) < i:
+            raise GridError(_where(path, f"cells[{i}] repeats cells[{items.index(cell)}]"))
+    return [dict(cell) for cell in items]
 
 
 def _overrides(path: Path, section: str, items) -> list[str]:
@@ -153,14 +175,19 @@ def load_sweep(path: str | Path) -> Sweep:
             hint = f"did you mean {close[0]!r}?" if close else f"fields: {', '.join(FIELDS)}"
             raise GridError(_where(path, f"unknown sweep field {key!r}; {hint}"))
     grid, zipped = _values(path, "grid", tree.get("grid")), _values(path, "zip", tree.get("zip"))
-    if not grid and not zipped:
-        raise GridError(_where(path, "the grid is empty; give grid: {KEY: [VALUE, ...]}"))
+    listed = _cells(path, tree.get("cells"))
+    if not grid and not zipped and not listed:
+        raise GridError(
+            _where(path, "the grid is empty; give grid: {KEY: [VALUE, ...]} or cells: [...]")
+        )
     lengths = {key: len(values) for key, values in zipped.items()}
     if len(set(lengths.values())) > 1:
         sizes = ", ".join(f"{k} has {n}" for k, n in lengths.items())
         raise GridError(_where(path, f"zipped lists differ in length ({sizes}); make them equal"))
     if both := sorted(set(grid) & set(zipped)):
         raise GridError(_where(path, f"{both[0]} is both in grid and zip; keep it in one"))
+    if both := sorted({k for cell in listed for k in cell} & (set(grid) | set(zipped))):
+        raise GridError(_where(path, f"{both[0]} is both in cells and grid/zip; keep it in one"))
     seeds = _seeds(path, "seeds", tree.get("seeds") or [])
     smoke = tree.get("smoke") or {}
     if isinstance(smoke, list):
@@ -180,6 +207,7 @@ def load_sweep(path: str | Path) -> Sweep:
     return Sweep(
         path=path,
         base=_base(path, tree.get("base")),
+        cells=listed,
         grid=grid,
         zipped=zipped,
         seeds=seeds,
@@ -216,17 +244,36 @@ def _reproduce(path: Path, spec) -> dict | None:
 
 
 def cells(sweep: Sweep, seeds: list[int] | None = None) -> list[dict[str, object]]:
-    """Every combination: the product of the grid, crossed with the zipped rows and the seeds."""
+    """Every combination: the listed cells crossed with the product of the grid, the zipped rows
+    and the seeds."""
     seeds = sweep.seeds if seeds is None else seeds
     rows = list(zip(*sweep.zipped.values(), strict=True)) or [()]
     out = []
-    for combo in itertools.product(*sweep.grid.values()):
-        for row in rows:
-            for seed in seeds or [None]:
-                cell = dict(zip(sweep.grid, combo, strict=True))
-                cell |= dict(zip(sweep.zipped, row, strict=True))
-                out.append(cell | ({"seed": seed} if seed is not None else {}))
+    for listed in sweep.cells or [{}]:
+        for combo in itertools.product(*sweep.grid.values()):
+            for row in rows:
+                for seed in seeds or [None]:
+                    cell = listed | dict(zip(sweep.grid, combo, strict=True))
+                    cell |= dict(zip(sweep.zipped, row, strict=True))
+                    out.append(cell | ({"seed": seed} if seed is not None else {}))
     return out
+
+
+def select(sweep: Sweep, cells_: list[dict], wanted: dict[str, object]) -> list[dict]:
+    """The cells whose swept values equal `wanted` (`data=beauty` on the command line of a sweep
+    over data runs its Beauty cells only)."""
+    chosen = cells_
+    for key, value in wanted.items():
+        chosen = [c for c in chosen if key in c and format_value(c[key]) == format_value(value)]
+        if not chosen:
+            listed = dict.fromkeys(format_value(c[key]) for c in cells_ if key in c)
+            raise GridError(
+                _where(
+                    sweep.path,
+                    f"{key}={format_value(value)} matches no cell; its values: {', '.join(listed)}",
+                )
+            )
+    return chosen
 
 
 def format_value(value) -> str:
@@ -262,16 +309,15 @@ def plan(sweep: Sweep, out: Path, smoke: bool = False, extra: Iterable[str] = ()
     if smoke and not sweep.smoke["overrides"]:
         raise GridError(_where(sweep.path, "has no smoke: section; add one or drop --smoke"))
     swept = set(sweep.keys)
-    for text in extra:
-        if parse_override(text)[0] in swept:
-            raise GridError(f"{text.split('=')[0]} is swept by {sweep.path}; do not override it")
+    wanted = dict(parse_override(text) for text in extra if parse_override(text)[0] in swept)
+    extra = [text for text in extra if parse_override(text)[0] not in swept]
     fixed = sweep.overrides + (sweep.smoke["overrides"] if smoke else []) + extra
     seeds = None  # the sweep's; a smoke pass runs each cell once unless smoke.seeds says
     if smoke:
         seeds = sweep.seeds[:1] if sweep.smoke["seeds"] is None else list(sweep.smoke["seeds"])
     base = [str(sweep.base)] if sweep.base else []
     runs, seen = [], {}
-    for cell in cells(sweep, seeds):
+    for cell in select(sweep, cells(sweep, seeds), wanted):
         swept = [f"{k}={format_value(v)}" for k, v in cell.items()]
         try:
             cfg = compose(sweep.base, fixed + swept)
@@ -550,6 +596,14 @@ def wandb_spec(sweep: Sweep, extra: Iterable[str] = ()) -> dict:
     Zipped keys become one parameter named `KEY1,KEY2` whose values are the zipped rows written
     as `[v1, v2]`; `grid run` reads `KEY1,KEY2=[v1, v2]` as `KEY1=v1 KEY2=v2`.
     """
+    if sweep.cells:
+        raise GridError(
+            _where(
+                sweep.path,
+                "has cells:, which a wandb grid (a product of parameters) cannot "
+                "express; export a sweep with grid: and zip: only, or run it with grid sweep",
+            )
+        )
     parameters = {key: {"values": list(values)} for key, values in sweep.grid.items()}
     if sweep.zipped:
         rows = zip(*sweep.zipped.values(), strict=True)

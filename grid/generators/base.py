@@ -180,6 +180,10 @@ class Recommender(L.LightningModule):
             and state.stage.evaluating
         )
 
+    def chooses_on_validation(self) -> bool:
+        """True when validation sets what inference uses (SETRec's beta): test only after it."""
+        return False
+
     def selection_decoding(self) -> dict | None:
         """The fixed inference settings used while `selecting`; None: `recommend` as configured."""
         return None

@@ -274,6 +274,9 @@ class SETRec(Recommender):
     def _selecting(self) -> bool:
         return self.hparams.beta is None
 
+    def chooses_on_validation(self) -> bool:
+        return self._selecting()
+
     def _eval_start(self) -> None:
         super()._eval_start()
         self._cache = None
