@@ -134,5 +134,8 @@ class SASRec(Recommender):
     def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
         return top_k_items(self.scores(batch), k)
 
+    def catalogue_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.scores(batch)
+
     def configure_optimizers(self):
         return self.optimizer(torch.optim.Adam, lr=self.lr, weight_decay=self.weight_decay)

@@ -27,7 +27,9 @@ PARAM_RANGES = {
     "max_history": "[1, inf)",
     "lr": "(0, inf)",
     "weight_decay": "[0, inf)",
+    "warmup_steps": "[0, inf)",
 }
+SCHEDULES = ("constant", "cosine")
 SELECT_BY = "ndcg@10"  # picks beta on validation (the default monitor); ties: the smaller beta
 
 
@@ -64,7 +66,7 @@ class SETRec(Recommender):
 
     @classmethod
     def check_params(cls, **params) -> None:
-        check_fields("generator", params, PARAM_RANGES)
+        check_fields("generator", params, PARAM_RANGES, {"schedule": SCHEDULES})
         check_divides("generator", params, "hidden", "heads")
 
     @classmethod
@@ -91,10 +93,12 @@ class SETRec(Recommender):
         ae_hidden: tuple[int, ...] = (512, 256, 128),
         alpha: float = 0.7,
         beta: float | None = None,
-        whiten: bool = True,
+        whiten: bool = False,
         max_history: int = 20,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
         bf16: bool = True,
         ks: tuple[int, ...] = KS,
         packed: bool = True,
@@ -111,6 +115,8 @@ class SETRec(Recommender):
             max_history=max_history,
             lr=lr,
             weight_decay=weight_decay,
+            schedule=schedule,
+            warmup_steps=warmup_steps,
         )
         super().__init__(len(text_embeddings), ks, packed)
         if len(cf_embeddings) != len(text_embeddings):
@@ -121,6 +127,7 @@ class SETRec(Recommender):
         self.save_hyperparameters(ignore=["text_embeddings", "cf_embeddings"])
         self.alpha, self.beta, self.max_history = alpha, beta, max_history
         self.lr, self.weight_decay, self.bf16 = lr, weight_decay, bf16
+        self.schedule, self.warmup_steps = schedule, warmup_steps
         self.dims = semantic_tokens + 1  # tokens per item: CF first, then the semantic ones
 
         text = torch.as_tensor(text_embeddings, dtype=torch.float32)
@@ -225,7 +232,10 @@ class SETRec(Recommender):
         return loss
 
     def configure_optimizers(self):
-        return self.optimizer(torch.optim.Adam, lr=self.lr, weight_decay=self.weight_decay)
+        opt = self.optimizer(torch.optim.Adam, lr=self.lr, weight_decay=self.weight_decay)
+        if self.schedule == "constant":
+            return opt
+        return self.with_schedule(opt, self.warmup_steps)
 
     # --- inference -----------------------------------------------------------------------------
 
@@ -260,6 +270,9 @@ class SETRec(Recommender):
             )
         return top_k_items(self.scores(batch, self.beta), k)
 
+    def catalogue_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.scores(batch, self.beta)
+
     # --- evaluation: beta chosen on validation -------------------------------------------------
 
     def _selecting(self) -> bool:
@@ -270,7 +283,10 @@ class SETRec(Recommender):
         self._cache = None
         with torch.no_grad():
             self._cache = self.item_tokens()
-        self._beta_totals = [RankingTotals(self.num_items, self.ks, self.device) for _ in BETAS]
+        self._beta_totals = [
+            RankingTotals(self.num_items, self.ks, self.device, categories=self.item_categories)
+            for _ in BETAS
+        ]
 
     def validation_step(self, batch, batch_idx) -> None:
         if not self._selecting():
