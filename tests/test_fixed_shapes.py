@@ -49,6 +49,9 @@ def generators(sids):
         "rpg-gpt2": lambda packed: RPG(sids, hidden=32, heads=2, d_ff=64, packed=packed, **GPT2),
         "simgr": lambda packed: SimGR(sids, d_model=32, d_ff=64, packed=packed),
         "setrec": lambda packed: SETRec(text, cf, hidden=16, ae_hidden=(32,), packed=packed),
+        "setrec-t5": lambda packed: SETRec(
+            text, cf, hidden=16, ae_hidden=(32,), architecture="encoder_decoder", packed=packed
+        ),
         "sasrec": lambda packed: SASRec(ITEMS, hidden=16, packed=packed),
     }
 
@@ -63,7 +66,8 @@ def train_steps(model, data, packed: bool, steps: int = 4) -> StepOperatorCounte
 
 
 @pytest.mark.parametrize(
-    "name", ["tiger", "tiger-decoder-only", "rpg", "rpg-gpt2", "simgr", "setrec", "sasrec"]
+    "name",
+    ["tiger", "tiger-decoder-only", "rpg", "rpg-gpt2", "simgr", "setrec", "setrec-t5", "sasrec"],
 )
 def test_fixed_shape_training_steps_never_sync(name, data, sids):
     model = generators(sids)[name](False)

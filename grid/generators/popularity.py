@@ -25,3 +25,9 @@ class Popularity(Recommender):
 
     def recommend(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
         return self.ranking[:k].expand(len(batch["target"]), k)
+
+    def catalogue_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Minus each item's place in the popularity ranking (the same for every user)."""
+        place = torch.empty_like(self.ranking)
+        place[self.ranking] = torch.arange(self.num_items, device=self.ranking.device)
+        return (-place).float().expand(len(batch["target"]), -1)

@@ -11,6 +11,8 @@ from grid.config import check_divides, check_fields
 from grid.data import last_items
 from grid.errors import GridError
 from grid.generators.base import PipelineInputs, Recommender, bf16_matmuls, top_k_items
+from grid.generators.layers import Block as LayoutBlock
+from grid.generators.layers import Layout
 from grid.generators.sasrec import Block, SASRec
 from grid.metrics import KS, RankingTotals
 
@@ -30,6 +32,7 @@ PARAM_RANGES = {
     "warmup_steps": "[0, inf)",
 }
 SCHEDULES = ("constant", "cosine")
+ARCHITECTURES = ("decoder_only", "encoder_decoder")
 SELECT_BY = "ndcg@10"  # picks beta on validation (the default monitor); ties: the smaller beta
 
 
@@ -66,7 +69,8 @@ class SETRec(Recommender):
 
     @classmethod
     def check_params(cls, **params) -> None:
-        check_fields("generator", params, PARAM_RANGES, {"schedule": SCHEDULES})
+        choices = {"schedule": SCHEDULES, "architecture": ARCHITECTURES}
+        check_fields("generator", params, PARAM_RANGES, choices)
         check_divides("generator", params, "hidden", "heads")
 
     @classmethod
@@ -89,6 +93,7 @@ class SETRec(Recommender):
         hidden: int = 64,
         blocks: int = 2,
         heads: int = 1,
+        architecture: str = "decoder_only",
         dropout: float = 0.1,
         ae_hidden: tuple[int, ...] = (512, 256, 128),
         alpha: float = 0.7,
@@ -107,6 +112,7 @@ class SETRec(Recommender):
             semantic_tokens=semantic_tokens,
             hidden=hidden,
             blocks=blocks,
+            architecture=architecture,
             heads=heads,
             dropout=dropout,
             ae_hidden=list(ae_hidden),
@@ -145,10 +151,22 @@ class SETRec(Recommender):
         self.pos_emb = nn.Embedding(max_history, hidden)
         self.queries = nn.Parameter(0.02 * torch.randn(self.dims, hidden))
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(blocks))
+        self.architecture = architecture
+        if architecture == "decoder_only":
+            self.blocks = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(blocks))
+            self.blocks.apply(SASRec._init)
+        else:  # the paper's T5 form: a bidirectional history encoder, queries in the decoder
+            make = lambda cross: LayoutBlock(  # noqa: E731
+                hidden, heads, hidden // heads, 4 * hidden, dropout, cross, packed=packed
+            )
+            self.history_blocks = nn.ModuleList(make(False) for _ in range(blocks))
+            self.query_blocks = nn.ModuleList(make(True) for _ in range(blocks))
+            self.history_norm = nn.LayerNorm(hidden)
+            for module in (*self.history_blocks.modules(), *self.query_blocks.modules()):
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=0.02)
         self.ln_f = nn.LayerNorm(hidden)
         nn.init.normal_(self.pos_emb.weight, std=0.02)  # small beside the tokens, as in SASRec
-        self.blocks.apply(SASRec._init)
         self._cache: torch.Tensor | None = None  # `item_tokens()` during an evaluation
         self._beta_totals: list[RankingTotals] = []
 
@@ -174,6 +192,8 @@ class SETRec(Recommender):
         # the tokens of one item share its position, counted back from the most recent item
         pos = (length[:, None] - 1 - ar).clamp(min=0)
         x = (tokens + self.pos_emb(pos)[:, :, None]).flatten(1, 2)
+        if self.architecture == "encoder_decoder":
+            return self._encode_decode(self.drop(x), (ar < length[:, None]).repeat_interleave(n, 1))
         x = self.drop(torch.cat([x, self.queries.expand(B, n, d)], dim=1))
         real = torch.cat(
             [(ar < length[:, None]).repeat_interleave(n, dim=1), x.new_ones(B, n, dtype=bool)], 1
@@ -187,6 +207,24 @@ class SETRec(Recommender):
                 # only the queries' outputs are read: the last block computes those alone
                 x = block(x, mask[:, None], last=n if i == len(self.blocks) - 1 else None)
         return self.ln_f(x[:, -n:])
+
+    def _encode_decode(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """The T5 form: the history tokens `x [B, S, d]` (`real [B, S]`) under a padding mask
+        only, then the N + 1 queries, causal among themselves (a T5 decoder's inputs), attending
+        to the encoded history. Returns the query outputs `[B, N + 1, d]`."""
+        B, n = len(x), self.dims
+        history = Layout.of(real, packed=self.packed)
+        queries = Layout.of(real.new_ones(B, n), causal=True, packed=self.packed)
+        h = history.pack(x)
+        q = queries.pack(self.drop(self.queries.expand(B, n, -1)))
+        with self._autocast():
+            for block in self.history_blocks:
+                h = block(h, history)[0]
+            memory = self.history_norm(h)
+            for block in self.query_blocks:
+                kv = block.cross.memory_kv(memory, history)
+                q = block(q, queries, memory_kv=kv, memory_mask=real[:, None, None, :])[0]
+        return self.ln_f(queries.pad(q))
 
     def query_outputs(self, batch: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
         """Query outputs `[B, N + 1, hidden]` for a batch's histories, given all item tokens."""
