@@ -42,8 +42,8 @@ COLUMNS = [
     ("R@10", "test/recall@10", ".4f"),
     ("N@5", "test/ndcg@5", ".4f"),
     ("N@10", "test/ndcg@10", ".4f"),
-    ("warm R@10", "test/warm/recall@10", ".4f"),
-    ("cold R@10", "test/cold/recall@10", ".4f"),
+    ("warm R@10", "test/warm_users/recall@10", ".4f"),
+    ("cold R@10", "test/cold_users/recall@10", ".4f"),
     ("coverage@10", "test/coverage@10", ".3f"),
     ("train samples/s", "train/samples_per_s", ",.0f"),
     ("train s", "train/seconds", ",.0f"),
@@ -132,7 +132,7 @@ def write(rows: list[dict], trainer: str, load: float, results: Path) -> None:
         "|---|---|---|---|",
         *(
             f"| {r['name']} | `{' '.join(r['overrides']) or '(default)'}` | {r['best_epoch']} | "
-            f"{r.get('test/warm/users', 0):.0f} / {r.get('test/cold/users', 0):.0f} |"
+            f"{r.get('test/warm_users/users', 0):.0f} / {r.get('test/cold_users/users', 0):.0f} |"
             for r in rows
             if "error" not in r
         ),

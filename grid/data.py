@@ -528,6 +528,7 @@ class SequenceDataModule(L.LightningDataModule):
         self.valid_set = SequenceSamples(
             users, [split.valid[0][u] for u in users], split.valid[1][users], seen, widths
         )
+        self.seen_items = seen  # the warm items: seen in training sequences
         self.full_valid_set = SequenceSamples(np.arange(n), *split.valid, seen, widths)
         self.test_set = SequenceSamples(np.arange(n), *split.test, seen, widths)
 

@@ -194,11 +194,12 @@ def group(runs: list[Run]) -> list[Configuration]:
 
 
 def _sort_metric(name: str):
-    """recall@K then ndcg@K (overall, warm, cold), then coverage@K and entropy@K, K ascending."""
+    """recall@K then ndcg@K (overall, then the warm/cold user and item groups), then
+    coverage@K and the entropies @K, K ascending."""
     head, _, k = name.rpartition("@")
     group, _, kind = head.removeprefix("test/").rpartition("/")
-    kinds = ("recall", "ndcg", "coverage", "entropy")
-    groups = ("", "warm", "cold")
+    kinds = ("recall", "ndcg", "coverage", "item_entropy", "category_entropy")
+    groups = ("", "warm_users", "cold_users", "warm_items", "cold_items")
     return (
         kind not in kinds[:2],
         groups.index(group) if group in groups else 3,
@@ -209,9 +210,12 @@ def _sort_metric(name: str):
 
 
 def metric_columns(runs: list[Run]) -> list[str]:
-    """Every test metric of the runs (user counts left out), in table order."""
+    """Every test metric of the runs (group sizes and random baselines left out), in order."""
     names = {
-        k for r in runs for k in r.metrics if k.startswith("test/") and not k.endswith("users")
+        k
+        for r in runs
+        for k in r.metrics
+        if k.startswith("test/") and not k.endswith(("/users", "/items")) and "random_" not in k
     }
     return sorted(names, key=_sort_metric)
 

@@ -28,7 +28,7 @@ from grid.config import to_yaml
 from grid.data import SOURCE_FIELDS, SequenceDataModule, Split
 from grid.errors import GridError
 from grid.generators import GENERATORS, Popularity, Recommender
-from grid.metrics import KS
+from grid.metrics import KS, category_matrix
 from grid.pipeline import Stages, component, params, prepare
 from grid.tracking import log_final, make_logger
 
@@ -138,6 +138,7 @@ def _trainer(cfg: DictConfig, out: Path, callbacks=(), logger=False) -> L.Traine
         max_time=t.max_time,
         val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=t.check_val_every_n_epoch,
+        gradient_clip_val=t.get("gradient_clip_val"),
         callbacks=list(callbacks),
         logger=logger,
         default_root_dir=out,
@@ -343,9 +344,18 @@ def _selection(cfg: DictConfig, model: Recommender, val_users: int, checkpoint: 
 
 
 def _evaluate(
-    cfg: DictConfig, model: Recommender, datamodule: SequenceDataModule, out: Path, logger
+    cfg: DictConfig,
+    model: Recommender,
+    datamodule: SequenceDataModule,
+    out: Path,
+    logger,
+    categories: torch.Tensor | None = None,
 ) -> dict[str, float]:
+    """Validation and test metrics; `categories` (`category_matrix`) adds category entropies."""
     trainer = _trainer(cfg, out, logger=logger)
+    model.warm_items = torch.zeros(model.num_items, dtype=torch.bool)
+    model.warm_items[datamodule.seen_items] = True
+    model.item_categories = categories
     with _interruptible(trainer):
         valid = trainer.validate(model, dataloaders=datamodule.full_val_dataloader(), verbose=False)
         test = trainer.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
@@ -372,14 +382,24 @@ def results_table(metrics: dict[str, float], baseline: dict[str, float], ks=(1, 
                 for k in ks
             )
             lines.append(f"{name + ' ' + split:24}{row}")
-    if "test/warm/users" in metrics:
-        m = {k[5:]: v for k, v in metrics.items() if k.startswith("test/")}
-        m = {k: m.get(k, float("nan")) for k in (*m, "warm/recall@10", "cold/recall@10")}
+    m = {k[5:]: v for k, v in metrics.items() if k.startswith("test/")}
+    if "warm_users/users" in m:
+        m = {
+            k: m.get(k, float("nan")) for k in (*m, "warm_users/recall@10", "cold_users/recall@10")
+        }
         lines.append(
-            f"model test recall@10: warm {m['warm/recall@10']:.4f} ({m['warm/users']:.0f} users), "
-            f"cold {m['cold/recall@10']:.4f} ({m['cold/users']:.0f} users); "
-            f"coverage@10 {m['coverage@10']:.4f}, entropy@10 {m['entropy@10']:.2f}"
+            f"model test recall@10, all items ranked: warm users {m['warm_users/recall@10']:.4f} "
+            f"({m['warm_users/users']:.0f}), cold users {m['cold_users/recall@10']:.4f} "
+            f"({m['cold_users/users']:.0f}), random {m['random_recall@10']:.4f}; "
+            f"coverage@10 {m['coverage@10']:.4f}, item entropy@10 {m['item_entropy@10']:.2f}"
         )
+    for group in ("warm_items", "cold_items"):
+        if f"{group}/items" in m and f"{group}/recall@10" in m:
+            lines.append(
+                f"model test recall@10, {group.replace('_', ' ')} ranked alone: "
+                f"{m[f'{group}/recall@10']:.4f} over {m[f'{group}/items']:.0f} items for "
+                f"{m[f'{group}/users']:.0f} users, random {m[f'{group}/random_recall@10']:.4f}"
+            )
     if "infer/seconds" in metrics:
         devices = metrics.get("infer/devices", 1)
         lines.append(
@@ -492,11 +512,12 @@ def run(cfg: DictConfig, out: str | Path) -> dict[str, float]:
             (out / "selection.json").write_text(json.dumps(selection, indent=2))
     if main:
         (out / "stages.json").write_text(json.dumps(provenance, indent=2))
-    metrics = _evaluate(cfg, model, datamodule, out, logger)
+    categories = category_matrix(stages.dataset.items)
+    metrics = _evaluate(cfg, model, datamodule, out, logger, categories)
     baseline = (
         metrics
         if isinstance(model, Popularity)
-        else _evaluate(cfg, Popularity.build(inputs), datamodule, out, False)
+        else _evaluate(cfg, Popularity.build(inputs), datamodule, out, False, categories)
     )
     if not main:
         return metrics

@@ -11,7 +11,7 @@ import torch
 
 from grid.errors import GridError
 
-COLLISION_STRATEGIES = ("dedup", "random", "balanced")
+COLLISION_STRATEGIES = ("dedup", "random", "balanced", "none")
 
 
 @dataclass
@@ -131,7 +131,8 @@ def assign_sids(
     if strategy == "dedup":
         codes = deduplicate(codes)
         return SemanticIDs(codes, (*vocab_sizes, int(codes[:, -1].max()) + 1), ordered)
-    if strategy == "random":
+    if strategy == "random" or (strategy == "none" and not ordered):
+        # unordered codes scored item by item (RPG): items sharing a SID stay tied
         return SemanticIDs(codes, tuple(vocab_sizes), ordered)
     if strategy == "balanced":  # the tokenizer already made the codes collision-free
         sids = SemanticIDs(codes, tuple(vocab_sizes), ordered)

@@ -57,7 +57,7 @@ def test_run_writes_config_and_metrics(small_beauty, cache, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(k in metrics for k in KEYS)
     assert all(0 <= metrics[k] <= 1 for k in KEYS[:-3]) and metrics["infer/users_per_s"] > 0
-    assert metrics["test/warm/users"] + metrics["test/cold/users"] == 400
+    assert metrics["test/warm_users/users"] + metrics["test/cold_users/users"] == 400
     assert "tokenizer.codebook_size" not in (out / "config.yaml").read_text()
     assert "codebook_size: 16" in (out / "config.yaml").read_text()
     report = json.loads((out / "tokenizer_report.json").read_text())

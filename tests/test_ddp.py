@@ -140,7 +140,7 @@ def test_two_process_run_scores_each_user_once_and_equals_one_process(ddp_run, t
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["infer/devices"] == 2 and metrics["train/devices"] == 2
     for split in ("valid", "test"):
-        assert metrics[f"{split}/warm/users"] + metrics[f"{split}/cold/users"] == 401
+        assert metrics[f"{split}/warm_users/users"] + metrics[f"{split}/cold_users/users"] == 401
 
     single = single_process_metrics(overrides, out / "model.ckpt", cache, tmp_path)
     assert single["infer/devices"] == 1

@@ -19,6 +19,8 @@ from .test_tiger import SMALL, subset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ITEMS = 300
+# RPG's official GPT-2 options (experiments/rpg_paper.yaml): attention dropout included
+GPT2 = dict(activation="gelu_new", bias=True, norm_eps=1e-12, embed_dropout=0.5, attn_dropout=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,12 @@ def generators(sids):
             sids, **SMALL, architecture="decoder_only", packed=packed
         ),
         "rpg": lambda packed: RPG(sids, hidden=32, heads=2, d_ff=64, packed=packed),
+        "rpg-gpt2": lambda packed: RPG(sids, hidden=32, heads=2, d_ff=64, packed=packed, **GPT2),
         "simgr": lambda packed: SimGR(sids, d_model=32, d_ff=64, packed=packed),
         "setrec": lambda packed: SETRec(text, cf, hidden=16, ae_hidden=(32,), packed=packed),
+        "setrec-t5": lambda packed: SETRec(
+            text, cf, hidden=16, ae_hidden=(32,), architecture="encoder_decoder", packed=packed
+        ),
         "sasrec": lambda packed: SASRec(ITEMS, hidden=16, packed=packed),
     }
 
@@ -60,7 +66,8 @@ def train_steps(model, data, packed: bool, steps: int = 4) -> StepOperatorCounte
 
 
 @pytest.mark.parametrize(
-    "name", ["tiger", "tiger-decoder-only", "rpg", "simgr", "setrec", "sasrec"]
+    "name",
+    ["tiger", "tiger-decoder-only", "rpg", "rpg-gpt2", "simgr", "setrec", "setrec-t5", "sasrec"],
 )
 def test_fixed_shape_training_steps_never_sync(name, data, sids):
     model = generators(sids)[name](False)
@@ -132,7 +139,7 @@ def test_operator_counter_flags_host_reads():
     assert "view" not in counter.ops
 
 
-@pytest.mark.parametrize("name", ["tiger", "rpg", "simgr"])
+@pytest.mark.parametrize("name", ["tiger", "rpg", "rpg-gpt2", "simgr"])
 def test_fixed_shape_losses_trace_as_one_graph(name, data, sids):
     """`trainer.compile` compiles the loss with fullgraph=True: it must trace without a break
     (RPG's and SimGR's bf16-input matmul setting included)."""

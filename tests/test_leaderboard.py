@@ -200,7 +200,7 @@ def test_remeasured_inference_reproduces_the_test_metrics(board, tmp_path, capsy
     tested = measure_inference(folders, rounds=2)  # the stages from the board's cache
     for folder, again in zip(folders, tested, strict=True):
         recorded = metrics(folder)
-        for name in ("test/recall@10", "test/ndcg@10", "test/coverage@10", "test/warm/users"):
+        for name in ("test/recall@10", "test/ndcg@10", "test/coverage@10", "test/warm_users/users"):
             assert again[name] == pytest.approx(recorded[name], abs=1e-7), (folder.name, name)
         assert again["infer/users_per_s"] > 0
     assert main(["report", str(board), "--out", str(tmp_path), "--remeasure", "-1"]) == 2

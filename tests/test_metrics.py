@@ -6,11 +6,12 @@ import pytest
 import scipy.stats
 import torch
 
-from grid.data import SequenceDataModule, leave_one_out, pad
+from grid.config import ROOT
+from grid.data import SequenceDataModule, leave_one_out, pad, read_items
 from grid.generators.popularity import Popularity
 from grid.generators.sasrec import SASRec
 from grid.generators.tiger import TIGER
-from grid.metrics import KS, RankingTotals, rank_metrics
+from grid.metrics import KS, RankingTotals, category_matrix, item_categories, rank_metrics
 from tests.conftest import QUIET
 
 
@@ -145,17 +146,17 @@ def test_warm_and_cold_users_add_up_to_overall(beauty, first_users):
     pop = Popularity(beauty.num_items, split.train)
     for model in (pop, untrained_sasrec(beauty.num_items)):
         (m,) = L.Trainer(**QUIET).test(model, dm.test_dataloader(), verbose=False)
-        assert m["test/cold/users"] == cold_targets
-        assert m["test/warm/users"] + m["test/cold/users"] == len(split.test[1])
+        assert m["test/cold_users/users"] == cold_targets
+        assert m["test/warm_users/users"] + m["test/cold_users/users"] == len(split.test[1])
         for name in [f"{metric}@{k}" for metric in ("recall", "ndcg") for k in KS]:
             weighted = (
-                m[f"test/warm/{name}"] * m["test/warm/users"]
-                + m[f"test/cold/{name}"] * m["test/cold/users"]
+                m[f"test/warm_users/{name}"] * m["test/warm_users/users"]
+                + m[f"test/cold_users/{name}"] * m["test/cold_users/users"]
             ) / len(split.test[1])
             assert math.isclose(weighted, m[f"test/{name}"], rel_tol=1e-5, abs_tol=1e-7), name
-    assert m["test/warm/recall@20"] > 0  # the random model still hits some warm targets
+    assert m["test/warm_users/recall@20"] > 0  # the random model still hits some warm targets
     (m,) = L.Trainer(**QUIET).test(pop, dm.test_dataloader(), verbose=False)
-    assert m["test/cold/recall@20"] == 0  # popularity never recommends an unseen item
+    assert m["test/cold_users/recall@20"] == 0  # popularity never recommends an unseen item
 
 
 def test_coverage_and_entropy_equal_direct_computation(beauty, first_users):
@@ -168,7 +169,7 @@ def test_coverage_and_entropy_equal_direct_computation(beauty, first_users):
     for k in KS:
         items, counts = np.unique(lists[:, :k], return_counts=True)
         assert math.isclose(m[f"test/coverage@{k}"], len(items) / beauty.num_items, rel_tol=1e-6)
-        assert math.isclose(m[f"test/entropy@{k}"], scipy.stats.entropy(counts), rel_tol=1e-6)
+        assert math.isclose(m[f"test/item_entropy@{k}"], scipy.stats.entropy(counts), rel_tol=1e-6)
     assert 0.05 < m["test/coverage@10"] < 1  # diverse lists, not one popular top-10
 
 
@@ -179,7 +180,7 @@ def test_several_eval_batches_equal_one(beauty, first_users):
         dm = SequenceDataModule(first_users, eval_batch_size=size)
         (m,) = L.Trainer(**QUIET).test(model, dm.test_dataloader(), verbose=False)
         results.append({k: v for k, v in m.items() if not k.startswith("infer/")})
-    assert results[0].keys() == results[1].keys() and "test/entropy@20" in results[0]
+    assert results[0].keys() == results[1].keys() and "test/item_entropy@20" in results[0]
     for name, value in results[0].items():
         assert math.isclose(results[1][name], value, rel_tol=1e-6, abs_tol=1e-9), name
 
@@ -196,11 +197,42 @@ def test_totals_without_warm_flags_or_cold_users():
             "ndcg@2": (1 + 1 / math.log2(3)) / 3,
             "coverage@1": 2 / 6,
             "coverage@2": 4 / 6,
-            "entropy@1": scipy.stats.entropy([2, 1]),
-            "entropy@2": scipy.stats.entropy([2, 1, 1, 1]),
+            "item_entropy@1": scipy.stats.entropy([2, 1]),
+            "item_entropy@2": scipy.stats.entropy([2, 1, 1, 1]),
+            "random_recall@1": 1 / 6,  # a random ranking of the 6 items
+            "random_recall@2": 2 / 6,
+            "random_ndcg@1": 1 / 6,
+            "random_ndcg@2": (1 + 1 / math.log2(3)) / 6,
         }
     )
     totals = RankingTotals(num_items=6, ks=(1,))
     totals.update(ranked, target, warm=torch.tensor([True, True, True]))
     out = totals.results()
-    assert out["cold/users"] == 0 and "cold/recall@1" not in out and out["warm/users"] == 3
+    assert out["cold_users/users"] == 0 and "cold_users/recall@1" not in out
+    assert out["warm_users/users"] == 3
+
+
+def test_category_rules_on_the_bundled_items():
+    """Scientific's category path counts its most specific level; a MovieLens item's n genres
+    count 1/n each; an item without categories belongs to none."""
+    _, scientific = read_items(ROOT / "data/amazon18_scientific_lcrec/items.jsonl.gz")
+    assert item_categories(scientific[0]) == {"Capacitors": 1.0}
+    _, movies = read_items(ROOT / "data/movielens_100k/items.jsonl.gz")
+    assert item_categories(movies[0]) == {"Animation": 1 / 3, "Children's": 1 / 3, "Comedy": 1 / 3}
+    assert item_categories({"categories": ["Beauty", "Makeup", "Nails"]}) == {"Nails": 1.0}
+    assert item_categories({"categories": None}) == {}
+
+
+def test_category_entropy_counts_each_lists_categories():
+    items = [{"genres": ["a", "b"]}, {"genres": ["a"]}, {"genres": ["c"]}, {}]
+    matrix = category_matrix(items)  # columns "", a, b, c
+    ranked, target = torch.tensor([[0, 1], [0, 3], [2, 1]]), torch.tensor([0, 1, 2])
+    totals = RankingTotals(num_items=4, ks=(1, 2), categories=matrix)
+    totals.update(ranked, target)
+    out = totals.results()
+    # top-1: items 0, 0, 2 -> a 1/2 + 1/2, b 1/2 + 1/2, c 1
+    assert out["category_entropy@1"] == pytest.approx(scipy.stats.entropy([1, 1, 1]))
+    # top-2 adds items 1, 3, 1 -> a 1 + 2, b 1, c 1, none 1
+    assert out["category_entropy@2"] == pytest.approx(scipy.stats.entropy([1, 3, 1, 1]))
+    assert out["item_entropy@2"] == pytest.approx(scipy.stats.entropy([2, 2, 1, 1]))
+    assert category_matrix([{"title": "x"}, {}]) is None  # no categories: no category entropy

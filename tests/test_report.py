@@ -67,7 +67,7 @@ def test_per_user_rows_average_to_the_test_metrics(sweep):
     for run in sorted(sweep.iterdir()):
         m, rows = metrics(run), np.load(run / "per_user.npz")
         users = rows["user"]
-        assert len(users) == 400 == m["test/warm/users"] + m["test/cold/users"]
+        assert len(users) == 400 == m["test/warm_users/users"] + m["test/cold_users/users"]
         assert np.all(np.diff(users) > 0)  # each user once, sorted
         assert len(set(rows["user_id"])) == 400
         warm = rows["warm"]
@@ -77,9 +77,9 @@ def test_per_user_rows_average_to_the_test_metrics(sweep):
                 values = rows[name].astype(np.float64)
                 assert values.mean() == pytest.approx(m[f"test/{name}"], rel=1e-6, abs=1e-9)
                 warm_mean = values[warm].mean()
-                assert warm_mean == pytest.approx(m[f"test/warm/{name}"], rel=1e-6, abs=1e-9)
+                assert warm_mean == pytest.approx(m[f"test/warm_users/{name}"], rel=1e-6, abs=1e-9)
                 cold_mean = values[~warm].mean()
-                assert cold_mean == pytest.approx(m[f"test/cold/{name}"], rel=1e-6, abs=1e-9)
+                assert cold_mean == pytest.approx(m[f"test/cold_users/{name}"], rel=1e-6, abs=1e-9)
     # trained models differ per user, so the paired test below compares real differences
     a, b = (np.load(sweep / f"h8-s{s}/per_user.npz")["ndcg@20"] for s in (1, 2))
     assert not np.array_equal(a, b)
@@ -124,8 +124,14 @@ def test_report_table_equals_a_direct_computation(sweep, tmp_path, capsys):
     assert [r["runs"] for r in rows] == [
         ";".join(p.name for p in runs_of(sweep, n)) for n in CONFIGS
     ]
-    names = [k for k in metrics(sweep / "h8-s1") if k.startswith("test/") and "users" not in k]
-    assert len(names) == 32  # recall/ndcg@K overall, warm and cold; coverage and entropy@K
+    names = [
+        k
+        for k in metrics(sweep / "h8-s1")
+        if k.startswith("test/") and not k.endswith(("/users", "/items")) and "random_" not in k
+    ]
+    # recall/ndcg@K overall, for warm and cold users and for warm and cold items; coverage and
+    # item entropy@K
+    assert len(names) == 48
     for row, name in zip(rows, CONFIGS, strict=True):
         assert int(row["seeds"]) == len(SEEDS[name])
         for key in [*names, "infer/users_per_s", "train/seconds", "run/seconds"]:

@@ -15,7 +15,7 @@ from grid.cli import main
 from grid.data import SequenceDataModule, Split, pad
 from grid.encoders.cf import CollaborativeEncoder
 from grid.errors import GridError
-from grid.generators import GENERATORS, PipelineInputs
+from grid.generators import GENERATORS, PipelineInputs, layers
 from grid.generators.popularity import Popularity
 from grid.generators.setrec import BETAS, SETRec, set_attention_mask
 from grid.pipeline import Stages, embed_collaborative
@@ -51,9 +51,10 @@ def test_attention_mask_has_the_stated_structure(items, n, queries):
     assert mask.dtype == torch.bool and torch.equal(mask, expected)
 
 
-def test_outputs_ignore_token_order_inside_items():
+@pytest.mark.parametrize("architecture", ["decoder_only", "encoder_decoder"])
+def test_outputs_ignore_token_order_inside_items(architecture):
     torch.manual_seed(0)
-    model = random_setrec(dropout=0.0).double().eval()
+    model = random_setrec(dropout=0.0, architecture=architecture, bf16=False).double().eval()
     B, T, n, d = 6, 7, model.dims, 16
     tokens = torch.randn(B, T, n, d, dtype=torch.float64)
     length = torch.tensor([7, 5, 1, 3, 7, 2])
@@ -67,6 +68,29 @@ def test_outputs_ignore_token_order_inside_items():
         # ...while the order of the items themselves matters
         swapped = tokens[:, [1, 0, *range(2, T)]]
         assert not torch.allclose(model.generate(swapped, length)[0], out[0], atol=1e-8)
+        # padding changes nothing: the same histories in a wider grid
+        wider = torch.cat([tokens, torch.randn(B, 3, n, d, dtype=torch.float64)], dim=1)
+        assert torch.allclose(model.generate(wider, length), out, atol=1e-10)
+
+
+def test_the_t5_forms_encoder_reads_the_history_both_ways():
+    """encoder_decoder (the paper's T5 form): a history token's encoding sees later items, so
+    the queries' outputs depend on the history as a whole; decoder_only's causal items do not
+    let an earlier token see a later one. Both read every item through the queries."""
+    torch.manual_seed(0)
+    model = random_setrec(dropout=0.0, architecture="encoder_decoder", bf16=False).eval()
+    assert not hasattr(model, "blocks") and len(model.history_blocks) == 2
+    x = torch.randn(2, 4, model.dims, 16)
+    length = torch.tensor([4, 2])
+    with torch.no_grad():
+        out = model.generate(x, length)
+        history = layers.Layout.of(torch.arange(4 * model.dims) < length[:, None] * model.dims)
+        first = model.history_blocks[0](history.pack(x.flatten(1, 2)), history)[0]
+        changed = x.clone()
+        changed[0, 3] += torch.randn(model.dims, 16)  # the last item of the first history
+        first_changed = model.history_blocks[0](history.pack(changed.flatten(1, 2)), history)[0]
+    assert (first[0] - first_changed[0]).abs().max() > 0  # the first token sees the last item
+    assert torch.allclose(model.generate(changed, length)[1], out[1])  # other users unchanged
 
 
 def test_gradients_repeat_bit_for_bit_on_two_threads():

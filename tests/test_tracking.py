@@ -101,7 +101,7 @@ def test_wandb_offline_run_holds_config_metrics_and_tags(small_beauty, tmp_path,
     assert metrics["train/samples_per_s"] > 0
     assert final["train/samples_per_s"] == pytest.approx(metrics["train/samples_per_s"])
     assert final["infer/devices"] == metrics["infer/devices"] == 1
-    assert final["test/warm/users"] + final["test/cold/users"] == 400
+    assert final["test/warm_users/users"] + final["test/cold_users/users"] == 400
     assert of_type(records, "exit")[0].exit_code == 0
 
 

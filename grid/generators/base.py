@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator
@@ -147,6 +148,11 @@ class Recommender(L.LightningModule):
     # and key the model.
     consumes: frozenset[str] = frozenset({"sids"})
     sids: SemanticIDs | None = None  # the SIDs a model is built on, checked when loading weights
+    # bool `[num_items]`: items seen in training; set, tests also rank each item group alone
+    # (`warm_items/`, `cold_items/`) where `catalogue_scores` gives scores
+    warm_items: torch.Tensor | None = None
+    # float `[num_items, categories]` (`grid.metrics.category_matrix`): adds category_entropy@K
+    item_categories: torch.Tensor | None = None
 
     @classmethod
     def check_params(cls, **params) -> None:
@@ -194,6 +200,32 @@ class Recommender(L.LightningModule):
         if not self.packed:
             kwargs = {**kwargs, "foreach": None, "fused": True}
         return cls(self.parameters(), **kwargs)
+
+    def with_schedule(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: float = 0,
+        warmup_ratio: float = 0.0,
+        schedule_epochs: float | None = None,
+    ) -> dict:
+        """`configure_optimizers`' answer for `optimizer` under a linear warm-up (`warmup_steps`,
+        or `warmup_ratio` of the schedule) and then a cosine decay to 0 over the trainer's
+        budget, or over `schedule_epochs` epochs when set (HF's cosine schedule with warm-up)."""
+        total = self.trainer.estimated_stepping_batches
+        if schedule_epochs is not None:
+            self.trainer.fit_loop.setup_data()  # (a step budget alone does not count batches)
+            total = schedule_epochs * self.trainer.num_training_batches
+        warmup = warmup_steps or (warmup_ratio * total if math.isfinite(total) else 0)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not math.isfinite(total) or total <= warmup:
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / (total - warmup), 1.0)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of a batch; by default the full-softmax cross-entropy of the
@@ -254,6 +286,28 @@ class Recommender(L.LightningModule):
         `recommend_scored` outside a Trainer; weights must not change afterwards."""
         self._eval_start()
 
+    def catalogue_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Every item's score `[B, num_items]` (higher: better) as the model ranks them, or None
+        for a generator that does not score items one by one (beam search decodes prefixes)."""
+        return None
+
+    def _item_groups(self, batch: dict[str, torch.Tensor]) -> None:
+        """Rank the warm and the cold items apart (the other group's scores masked out) for the
+        users whose target is in the group: SETRec's warm/cold evaluation."""
+        scores = self.catalogue_scores(batch)
+        if scores is None:
+            return
+        warm_items_count = int(self.warm_items.sum())  # (kept on the host: no device sync)
+        warm_items = self.warm_items.to(scores.device)
+        for prefix, items, users, count in (
+            ("warm_items/", warm_items, batch["warm"], warm_items_count),
+            ("cold_items/", ~warm_items, ~batch["warm"], self.num_items - warm_items_count),
+        ):
+            masked = scores.masked_fill(~items, float("-inf"))
+            ranked = top_k_items(masked, max(self.ks))
+            # a group smaller than K ranks the other group's items last: never a hit
+            self._totals.update_items(prefix, ranked, batch["target"], users, count)
+
     # --- evaluation ---------------------------------------------------------------------------
 
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
@@ -272,6 +326,10 @@ class Recommender(L.LightningModule):
         self._totals.update(ranked, batch["target"], batch.get("warm"), batch.get("user"))
         self._users += len(batch["target"])
         self._record(batch, ranked, scores)
+        testing = self._trainer is not None and self._trainer.testing
+        if testing and self.warm_items is not None and "warm" in batch:
+            with torch.no_grad():
+                self._item_groups(batch)
 
     def _record(self, batch: dict[str, torch.Tensor], ranked, scores) -> None:
         """Keep the batch's ranked lists while `recorded` is a list (`grid recommend --split`)."""
@@ -280,7 +338,9 @@ class Recommender(L.LightningModule):
 
     def _eval_start(self) -> None:
         testing = self._trainer is not None and self._trainer.testing  # keep per-user rows
-        self._totals = RankingTotals(self.num_items, self.ks, self.device, per_user=testing)
+        self._totals = RankingTotals(
+            self.num_items, self.ks, self.device, testing, categories=self.item_categories
+        )
         self._users, self._infer_seconds = 0, 0.0
         self._events = []
         if self.recorded is not None:

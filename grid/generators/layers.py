@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -135,14 +136,16 @@ class Layout:
         return count.cumsum(0) - 1
 
 
-def attend(q, k, v, mask=None, causal=False, scale=None, bias=None):
+def attend(q, k, v, mask=None, causal=False, scale=None, bias=None, dropout=None):
     """Attention `[B, h, Tq, dk]`; mask is bool (True: may attend), bias an additive
-    `[1, h, Tq, Tk]` (T5 relative positions) broadcast over the batch."""
+    `[1, h, Tq, Tk]` (T5 relative positions) broadcast over the batch. `dropout`: a module
+    applied to the attention probabilities (GPT-2's attn_pdrop) while it trains."""
     Tq, Tk = q.shape[-2], k.shape[-2]
     # CPU flash attention is slow in bf16 at our short lengths, above all its backward; without
     # gradients it overtakes the plain product from about 40 keys on (bias kept in fp32 below)
     flash = not torch.is_grad_enabled() and bias is None and Tk >= FLASH_MIN_KEYS
-    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or flash:
+    dropping = dropout is not None and dropout.training and dropout.p > 0
+    if not dropping and (q.dtype != torch.bfloat16 or q.device.type != "cpu" or flash):
         if bias is not None:  # SDPA takes one mask: the bias, -inf where attention is barred
             if causal:
                 future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(1)
@@ -160,7 +163,8 @@ def attend(q, k, v, mask=None, causal=False, scale=None, bias=None):
         s = s.masked_fill(future, float("-inf"))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    return s.float().softmax(-1).to(v.dtype) @ v
+    p = s.float().softmax(-1).to(v.dtype)
+    return (dropout(p) if dropping else p) @ v
 
 
 class Dropout(nn.Dropout):
@@ -246,20 +250,34 @@ class RelativeBias(nn.Module):
         return self.embed(relative_buckets(rel, self.bidirectional)).movedim(-1, -3)
 
 
+ACTIVATIONS = {
+    "relu": partial(nn.ReLU, inplace=True),
+    "gelu_new": partial(nn.GELU, approximate="tanh"),  # HF GPT-2's gelu_new: the tanh form
+}
+
+
 def feed_forward(
-    d_model: int, d_ff: int, layers: int, dropout: float, t5: bool, packed: bool = True
+    d_model: int,
+    d_ff: int,
+    layers: int,
+    dropout: float,
+    t5: bool,
+    packed: bool = True,
+    activation: str = "relu",
+    bias: bool = False,
 ) -> nn.Sequential:
     """The block MLP. One hidden layer: d -> d_ff -> d with ReLU and no biases (T5's
-    DenseReluDense, with its inner dropout when t5). More: GRID's T5MultiLayerFF (`mlp_layers`),
-    `layers` hidden ReLU layers of d_ff, with biases and a dropout after each later linear.
-    `packed`: numpy dropout masks on CPUs (see `Dropout`)."""
+    DenseReluDense, with its inner dropout when t5), or GPT-2's MLP with `activation="gelu_new"`
+    and `bias`. More: GRID's T5MultiLayerFF (`mlp_layers`), `layers` hidden ReLU layers of d_ff,
+    with biases and a dropout after each later linear. `packed`: numpy dropout masks on CPUs
+    (see `Dropout`)."""
     if layers == 1:
         inner = [Dropout(dropout, packed)] if t5 else []
         return nn.Sequential(
-            nn.Linear(d_model, d_ff, bias=False),
-            nn.ReLU(inplace=True),
+            nn.Linear(d_model, d_ff, bias=bias),
+            ACTIVATIONS[activation](),
             *inner,
-            nn.Linear(d_ff, d_model, bias=False),
+            nn.Linear(d_ff, d_model, bias=bias),
         )
     dims = [d_ff] * layers + [d_model]
     mods = [nn.Linear(d_model, d_ff)]
@@ -272,18 +290,31 @@ class Attention(nn.Module):
     """Multi-head attention with T5-style head size (inner dim = heads x head_dim).
 
     `scale` multiplies the scores: None is dk**-0.5; T5 uses 1 (its init absorbs the scaling).
+    `bias`: biases on the projections (GPT-2); `dropout`: on the attention probabilities while
+    training (GPT-2's attn_pdrop), with numpy masks on CPUs when `packed` (see `Dropout`).
     """
 
-    def __init__(self, d_model: int, heads: int, head_dim: int, cross: bool, scale=None):
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        head_dim: int,
+        cross: bool,
+        scale=None,
+        bias: bool = False,
+        dropout: float = 0.0,
+        packed: bool = True,
+    ):
         super().__init__()
         self.heads, self.head_dim, self.cross, self.scale = heads, head_dim, cross, scale
         inner = heads * head_dim
         if cross:
-            self.q = nn.Linear(d_model, inner, bias=False)
-            self.kv = nn.Linear(d_model, 2 * inner, bias=False)
+            self.q = nn.Linear(d_model, inner, bias=bias)
+            self.kv = nn.Linear(d_model, 2 * inner, bias=bias)
         else:
-            self.qkv = nn.Linear(d_model, 3 * inner, bias=False)
-        self.out = nn.Linear(inner, d_model, bias=False)
+            self.qkv = nn.Linear(d_model, 3 * inner, bias=bias)
+        self.out = nn.Linear(inner, d_model, bias=bias)
+        self.drop = Dropout(dropout, packed) if dropout > 0 else None
 
     def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
         # [B, T, n*h*dk] -> n tensors [B, h, T, dk]
@@ -303,22 +334,24 @@ class Attention(nn.Module):
         """
         if self.cross:
             (q,), (k, v) = self._heads(layout.pad(self.q(x)), 1), memory_kv
-            y = attend(q, k, v, mask=memory_mask, scale=self.scale)
+            y = attend(q, k, v, mask=memory_mask, scale=self.scale, dropout=self.drop)
         else:
             q, k, v = self._heads(layout.pad(self.qkv(x)), 3)
-            y = attend(q, k, v, layout.mask, layout.causal, self.scale, bias)
+            y = attend(q, k, v, layout.mask, layout.causal, self.scale, bias, self.drop)
         return self.out(layout.pack(y.transpose(1, 2))), k, v
 
     def last(self, x: torch.Tensor, layout: Layout, rows: torch.Tensor) -> torch.Tensor:
         """Self-attention output `[B, d]` of the last real token of each row of a causal,
         right-padded layout (packed positions `rows`); the other tokens serve as keys only."""
         B, h, dk = layout.B, self.heads, self.head_dim
-        w = self.qkv.weight  # rows: q, then k and v
-        q = F.linear(x[rows], w[: h * dk]).view(B, h, 1, dk)
-        k, v = self._heads(layout.pad(F.linear(x, w[h * dk :])), 2)
+        w, b = self.qkv.weight, self.qkv.bias  # rows: q, then k and v
+        q = F.linear(x[rows], w[: h * dk], None if b is None else b[: h * dk]).view(B, h, 1, dk)
+        kv = F.linear(x, w[h * dk :], None if b is None else b[h * dk :])
+        k, v = self._heads(layout.pad(kv), 2)
         # the row's last token sees every real token of its row, never the padding
         keep = None if layout.keep is None else layout.keep[:, None, None, :]
-        return self.out(attend(q, k, v, mask=keep, scale=self.scale).reshape(B, h * dk))
+        y = attend(q, k, v, mask=keep, scale=self.scale, dropout=self.drop)
+        return self.out(y.reshape(B, h * dk))
 
     def step(self, x, static=None, cache=None, bias=None):
         """Cached attention for beams x `[B, W, t, d]`; returns output and the grown cache."""
@@ -340,25 +373,49 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: self-attention, optional cross-attention, ReLU MLP.
 
-    t5: RMS norms and unscaled attention scores (HF T5); else bias-free LayerNorm and dk**-0.5.
+    t5: RMS norms and unscaled attention scores (HF T5); else LayerNorm (eps `norm_eps`) and
+    dk**-0.5. The GPT-2 options, off by default: `activation="gelu_new"`, `bias` (on every
+    linear layer and LayerNorm), `attn_dropout` on the attention probabilities.
     packed: numpy dropout masks on CPUs; False for the fixed-shape path (see `Dropout`).
     """
 
     def __init__(
-        self, d_model, heads, head_dim, d_ff, dropout, cross, t5=False, mlp_layers=1, packed=True
+        self,
+        d_model,
+        heads,
+        head_dim,
+        d_ff,
+        dropout,
+        cross,
+        t5=False,
+        mlp_layers=1,
+        packed=True,
+        attn_dropout: float = 0.0,
+        activation: str = "relu",
+        bias: bool = False,
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
-        norm = RMSNorm if t5 else lambda d: nn.LayerNorm(d, bias=False)
-        scale = 1.0 if t5 else None
+        norm = RMSNorm if t5 else partial(nn.LayerNorm, eps=norm_eps, bias=bias)
+        attention = partial(
+            Attention,
+            d_model,
+            heads,
+            head_dim,
+            scale=1.0 if t5 else None,
+            bias=bias,
+            dropout=attn_dropout,
+            packed=packed,
+        )
         self.norm1 = norm(d_model)
-        self.attn = Attention(d_model, heads, head_dim, cross=False, scale=scale)
+        self.attn = attention(cross=False)
         if cross:
             self.norm_x = norm(d_model)
-            self.cross = Attention(d_model, heads, head_dim, cross=True, scale=scale)
+            self.cross = attention(cross=True)
         else:
             self.cross = None
         self.norm2 = norm(d_model)
-        self.mlp = feed_forward(d_model, d_ff, mlp_layers, dropout, t5, packed)
+        self.mlp = feed_forward(d_model, d_ff, mlp_layers, dropout, t5, packed, activation, bias)
         self.drop = Dropout(dropout, packed)
 
     def forward(self, x, layout: Layout, memory_kv=None, memory_mask=None, bias=None):

@@ -32,3 +32,9 @@ class Popularity(Recommender):
         top, scores = pad_ranked(top[None], self.counts[top][None], k)
         B = len(batch["length"])
         return top.expand(B, k), scores.expand(B, k)
+
+    def catalogue_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Minus each item's place in the popularity ranking (the same for every user)."""
+        place = torch.empty_like(self.ranking)
+        place[self.ranking] = torch.arange(self.num_items, device=self.ranking.device)
+        return (-place).float().expand(len(batch["target"]), -1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -22,7 +21,7 @@ from grid.generators.base import (
     pad_ranked,
     running_top_k,
 )
-from grid.generators.layers import Block, Layout, last_states
+from grid.generators.layers import ACTIVATIONS, Block, Layout, last_states
 from grid.sids import SemanticIDs
 
 log = logging.getLogger(__name__)
@@ -34,11 +33,15 @@ PARAM_RANGES = {
     "heads": "[1, inf)",
     "d_ff": "[1, inf)",
     "dropout": "[0, 1)",
+    "embed_dropout": "[0, 1)",
+    "attn_dropout": "[0, 1)",
+    "norm_eps": "(0, inf)",
     "tau": "(0, inf)",
     "max_history": "[1, inf)",
     "lr": "(0, inf)",
     "weight_decay": "[0, inf)",
     "warmup_steps": "[0, inf)",
+    "schedule_epochs": "(0, inf)",
     "beam_width": "[1, inf)",
     "n_edges": "[1, inf)",
     "steps": "[1, inf)",
@@ -143,7 +146,8 @@ class RPG(Recommender):
 
     @classmethod
     def check_params(cls, **params) -> None:
-        check_fields("generator", params, PARAM_RANGES, {"decoding": DECODINGS})
+        choices = {"decoding": DECODINGS, "activation": tuple(ACTIVATIONS)}
+        check_fields("generator", params, PARAM_RANGES, choices)
         check_divides("generator", params, "hidden", "heads")
 
     @classmethod
@@ -173,11 +177,17 @@ class RPG(Recommender):
         heads: int = 4,
         d_ff: int = 1024,
         dropout: float = 0.1,
+        embed_dropout: float | None = None,
+        attn_dropout: float = 0.0,
+        activation: str = "relu",
+        bias: bool = False,
+        norm_eps: float = 1e-5,
         tau: float = 0.03,
         max_history: int = 20,
         lr: float = 0.01,
         weight_decay: float = 0.1,
         warmup_steps: int = 0,
+        schedule_epochs: float | None = None,
         decoding: str = "exact",
         beam_width: int = 10,
         n_edges: int = 100,
@@ -192,11 +202,16 @@ class RPG(Recommender):
             heads=heads,
             d_ff=d_ff,
             dropout=dropout,
+            embed_dropout=embed_dropout,
+            attn_dropout=attn_dropout,
+            activation=activation,
+            norm_eps=norm_eps,
             tau=tau,
             max_history=max_history,
             lr=lr,
             weight_decay=weight_decay,
             warmup_steps=warmup_steps,
+            schedule_epochs=schedule_epochs,
             decoding=decoding,
             beam_width=beam_width,
             n_edges=n_edges,
@@ -213,6 +228,7 @@ class RPG(Recommender):
         self.save_hyperparameters(ignore=["sids"])
         self.sids, self.tau, self.max_history = sids, tau, max_history
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.schedule_epochs = schedule_epochs
         self.decoding, self.bf16 = decoding, bf16
         self.beam_width, self.n_edges, self.steps = beam_width, n_edges, steps
         self.positions = m = sids.length
@@ -238,17 +254,30 @@ class RPG(Recommender):
             torch.manual_seed(seed)
             self.codebooks = nn.Parameter(0.02 * torch.randn(m, V, hidden))
             self.pos = nn.Embedding(max_history, hidden)
-            self.drop = nn.Dropout(dropout)
+            self.drop = nn.Dropout(dropout if embed_dropout is None else embed_dropout)
+            gpt2 = {"attn_dropout": attn_dropout, "activation": activation, "bias": bias}
             self.blocks = nn.ModuleList(
-                Block(hidden, heads, hidden // heads, d_ff, dropout, False, packed=self.packed)
+                Block(
+                    hidden,
+                    heads,
+                    hidden // heads,
+                    d_ff,
+                    dropout,
+                    False,
+                    packed=self.packed,
+                    norm_eps=norm_eps,
+                    **gpt2,
+                )
                 for _ in range(layers)
             )
-            self.norm = nn.LayerNorm(hidden)
+            self.norm = nn.LayerNorm(hidden, eps=norm_eps)
             # one residual projection x + SiLU(W_p x + b_p) per code position, W_p starting at 0
             self.heads = nn.Linear(hidden, m * hidden)
             for module in (self.pos, *self.blocks.modules()):
                 if isinstance(module, nn.Linear | nn.Embedding):
                     nn.init.normal_(module.weight, std=0.02)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)  # GPT-2's initialisation
             nn.init.zeros_(self.heads.weight)
 
     # --- model -------------------------------------------------------------------------------
@@ -331,18 +360,7 @@ class RPG(Recommender):
 
     def configure_optimizers(self):
         opt = self.optimizer(lr=self.lr, weight_decay=self.weight_decay)
-        total = self.trainer.estimated_stepping_batches
-        warmup = self.warmup_steps
-
-        def factor(step: int) -> float:  # linear warm-up, then cosine decay (official recipe)
-            if step < warmup:
-                return (step + 1) / warmup
-            if not math.isfinite(total) or total <= warmup:
-                return 1.0
-            return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / (total - warmup), 1.0)))
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return self.with_schedule(opt, self.warmup_steps, schedule_epochs=self.schedule_epochs)
 
     # --- scoring and decoding ----------------------------------------------------------------
 
@@ -453,6 +471,14 @@ class RPG(Recommender):
         states = self.unit_states(h).split(users, 1)
         tops = [self.exact_top_k(self.code_table(s), k) for s in states]
         return tuple(torch.cat(parts) for parts in zip(*tops, strict=True))
+
+    def catalogue_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Exact decoding's scores, each item's mean code logit; None under graph decoding,
+        which ranks only the items its walk reaches."""
+        if self._graph_decoding:
+            return None
+        h = self.user_state(batch["history"], batch["length"])
+        return self.item_scores(self.code_table(self.unit_states(h)))
 
     def _eval_start(self) -> None:
         super()._eval_start()

@@ -137,5 +137,8 @@ class SASRec(Recommender):
         """The k items of largest inner product with the user state."""
         return top_k_scored(self.scores(batch), k)
 
+    def catalogue_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.scores(batch)
+
     def configure_optimizers(self):
         return self.optimizer(torch.optim.Adam, lr=self.lr, weight_decay=self.weight_decay)

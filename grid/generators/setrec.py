@@ -16,6 +16,8 @@ from grid.generators.base import (
     bf16_matmuls,
     top_k_scored,
 )
+from grid.generators.layers import Block as LayoutBlock
+from grid.generators.layers import Layout
 from grid.generators.sasrec import Block, SASRec
 from grid.metrics import KS, RankingTotals
 
@@ -32,7 +34,10 @@ PARAM_RANGES = {
     "max_history": "[1, inf)",
     "lr": "(0, inf)",
     "weight_decay": "[0, inf)",
+    "warmup_steps": "[0, inf)",
 }
+SCHEDULES = ("constant", "cosine")
+ARCHITECTURES = ("decoder_only", "encoder_decoder")
 SELECT_BY = "ndcg@10"  # picks beta on validation (the default monitor); ties: the smaller beta
 
 
@@ -69,7 +74,8 @@ class SETRec(Recommender):
 
     @classmethod
     def check_params(cls, **params) -> None:
-        check_fields("generator", params, PARAM_RANGES)
+        choices = {"schedule": SCHEDULES, "architecture": ARCHITECTURES}
+        check_fields("generator", params, PARAM_RANGES, choices)
         check_divides("generator", params, "hidden", "heads")
 
     @classmethod
@@ -92,14 +98,17 @@ class SETRec(Recommender):
         hidden: int = 64,
         blocks: int = 2,
         heads: int = 1,
+        architecture: str = "decoder_only",
         dropout: float = 0.1,
         ae_hidden: tuple[int, ...] = (512, 256, 128),
         alpha: float = 0.7,
         beta: float | None = None,
-        whiten: bool = True,
+        whiten: bool = False,
         max_history: int = 20,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
         bf16: bool = True,
         ks: tuple[int, ...] = KS,
         packed: bool = True,
@@ -108,6 +117,7 @@ class SETRec(Recommender):
             semantic_tokens=semantic_tokens,
             hidden=hidden,
             blocks=blocks,
+            architecture=architecture,
             heads=heads,
             dropout=dropout,
             ae_hidden=list(ae_hidden),
@@ -116,6 +126,8 @@ class SETRec(Recommender):
             max_history=max_history,
             lr=lr,
             weight_decay=weight_decay,
+            schedule=schedule,
+            warmup_steps=warmup_steps,
         )
         super().__init__(len(text_embeddings), ks, packed)
         if len(cf_embeddings) != len(text_embeddings):
@@ -126,6 +138,7 @@ class SETRec(Recommender):
         self.save_hyperparameters(ignore=["text_embeddings", "cf_embeddings"])
         self.alpha, self.beta, self.max_history = alpha, beta, max_history
         self.lr, self.weight_decay, self.bf16 = lr, weight_decay, bf16
+        self.schedule, self.warmup_steps = schedule, warmup_steps
         self.dims = semantic_tokens + 1  # tokens per item: CF first, then the semantic ones
 
         text = torch.as_tensor(text_embeddings, dtype=torch.float32)
@@ -143,10 +156,22 @@ class SETRec(Recommender):
         self.pos_emb = nn.Embedding(max_history, hidden)
         self.queries = nn.Parameter(0.02 * torch.randn(self.dims, hidden))
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(blocks))
+        self.architecture = architecture
+        if architecture == "decoder_only":
+            self.blocks = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(blocks))
+            self.blocks.apply(SASRec._init)
+        else:  # the paper's T5 form: a bidirectional history encoder, queries in the decoder
+            make = lambda cross: LayoutBlock(  # noqa: E731
+                hidden, heads, hidden // heads, 4 * hidden, dropout, cross, packed=packed
+            )
+            self.history_blocks = nn.ModuleList(make(False) for _ in range(blocks))
+            self.query_blocks = nn.ModuleList(make(True) for _ in range(blocks))
+            self.history_norm = nn.LayerNorm(hidden)
+            for module in (*self.history_blocks.modules(), *self.query_blocks.modules()):
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=0.02)
         self.ln_f = nn.LayerNorm(hidden)
         nn.init.normal_(self.pos_emb.weight, std=0.02)  # small beside the tokens, as in SASRec
-        self.blocks.apply(SASRec._init)
         self._cache: torch.Tensor | None = None  # `item_tokens()` during an evaluation
         self._beta_totals: list[RankingTotals] = []
         self._beta_lists: list[list] = []
@@ -173,6 +198,8 @@ class SETRec(Recommender):
         # the tokens of one item share its position, counted back from the most recent item
         pos = (length[:, None] - 1 - ar).clamp(min=0)
         x = (tokens + self.pos_emb(pos)[:, :, None]).flatten(1, 2)
+        if self.architecture == "encoder_decoder":
+            return self._encode_decode(self.drop(x), (ar < length[:, None]).repeat_interleave(n, 1))
         x = self.drop(torch.cat([x, self.queries.expand(B, n, d)], dim=1))
         real = torch.cat(
             [(ar < length[:, None]).repeat_interleave(n, dim=1), x.new_ones(B, n, dtype=bool)], 1
@@ -186,6 +213,24 @@ class SETRec(Recommender):
                 # only the queries' outputs are read: the last block computes those alone
                 x = block(x, mask[:, None], last=n if i == len(self.blocks) - 1 else None)
         return self.ln_f(x[:, -n:])
+
+    def _encode_decode(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """The T5 form: the history tokens `x [B, S, d]` (`real [B, S]`) under a padding mask
+        only, then the N + 1 queries, causal among themselves (a T5 decoder's inputs), attending
+        to the encoded history. Returns the query outputs `[B, N + 1, d]`."""
+        B, n = len(x), self.dims
+        history = Layout.of(real, packed=self.packed)
+        queries = Layout.of(real.new_ones(B, n), causal=True, packed=self.packed)
+        h = history.pack(x)
+        q = queries.pack(self.drop(self.queries.expand(B, n, -1)))
+        with self._autocast():
+            for block in self.history_blocks:
+                h = block(h, history)[0]
+            memory = self.history_norm(h)
+            for block in self.query_blocks:
+                kv = block.cross.memory_kv(memory, history)
+                q = block(q, queries, memory_kv=kv, memory_mask=real[:, None, None, :])[0]
+        return self.ln_f(queries.pad(q))
 
     def query_outputs(self, batch: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
         """Query outputs `[B, N + 1, hidden]` for a batch's histories, given all item tokens."""
@@ -231,7 +276,10 @@ class SETRec(Recommender):
         return loss
 
     def configure_optimizers(self):
-        return self.optimizer(torch.optim.Adam, lr=self.lr, weight_decay=self.weight_decay)
+        opt = self.optimizer(torch.optim.Adam, lr=self.lr, weight_decay=self.weight_decay)
+        if self.schedule == "constant":
+            return opt
+        return self.with_schedule(opt, self.warmup_steps)
 
     # --- inference -----------------------------------------------------------------------------
 
@@ -269,6 +317,9 @@ class SETRec(Recommender):
             )
         return top_k_scored(self.scores(batch, self.beta), k)
 
+    def catalogue_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.scores(batch, self.beta)
+
     # --- evaluation: beta chosen on validation -------------------------------------------------
 
     def _selecting(self) -> bool:
@@ -282,7 +333,10 @@ class SETRec(Recommender):
         self._cache = None
         with torch.no_grad():
             self._cache = self.item_tokens()
-        self._beta_totals = [RankingTotals(self.num_items, self.ks, self.device) for _ in BETAS]
+        self._beta_totals = [
+            RankingTotals(self.num_items, self.ks, self.device, categories=self.item_categories)
+            for _ in BETAS
+        ]
         self._beta_lists = [[] for _ in BETAS]  # each beta's recorded lists, when recording
 
     def validation_step(self, batch, batch_idx) -> None:

@@ -26,7 +26,8 @@ from grid.sids import SemanticIDs
 
 AGGREGATIONS = ("mean", "concat", "gate", "attention")
 SEARCHES = ("matmul", "faiss")
-PARAM_CHOICES = {"aggregation": AGGREGATIONS, "search": SEARCHES}
+SCHEDULES = ("constant", "cosine")
+PARAM_CHOICES = {"aggregation": AGGREGATIONS, "search": SEARCHES, "schedule": SCHEDULES}
 PARAM_RANGES = {
     "d_model": "[1, inf)",
     "num_heads": "[1, inf)",
@@ -38,6 +39,7 @@ PARAM_RANGES = {
     "tau": "(0, inf)",
     "lr": "(0, inf)",
     "weight_decay": "[0, inf)",
+    "warmup_ratio": "[0, 1]",
 }
 SCORE_CHUNK = 65536  # items scored per matmul: bounds the `[B, chunk]` score block
 
@@ -116,6 +118,8 @@ class SimGR(Recommender):
         search: str = "matmul",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        schedule: str = "constant",
+        warmup_ratio: float = 0.0,
         bf16: bool = True,
         **kwargs,
     ):
@@ -132,11 +136,14 @@ class SimGR(Recommender):
             search=search,
             lr=lr,
             weight_decay=weight_decay,
+            schedule=schedule,
+            warmup_ratio=warmup_ratio,
         )
         super().__init__(sids.num_items, **kwargs)
         self.save_hyperparameters(ignore=["sids"])
         self.sids, self.max_history, self.tau, self.search = sids, max_history, tau, search
         self.lr, self.weight_decay, self.bf16 = lr, weight_decay, bf16
+        self.schedule, self.warmup_ratio = schedule, warmup_ratio
         L = self.levels = sids.length
         offsets = torch.tensor([0, *sids.vocab_sizes]).cumsum(0)
         self.pad = int(offsets[-1])
@@ -202,7 +209,10 @@ class SimGR(Recommender):
         return self.inner_products(user, self.item_embeddings()) / self.tau
 
     def configure_optimizers(self):
-        return self.optimizer(lr=self.lr, weight_decay=self.weight_decay)
+        opt = self.optimizer(lr=self.lr, weight_decay=self.weight_decay)
+        if self.schedule == "constant":
+            return opt
+        return self.with_schedule(opt, warmup_ratio=self.warmup_ratio)
 
     # --- inference -----------------------------------------------------------------------------
 
@@ -220,6 +230,11 @@ class SimGR(Recommender):
     def _eval_end(self, stage: str) -> None:
         super()._eval_end(stage)
         self._table = self._index = None
+
+    def catalogue_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        user = self.user_embeddings(batch["history"], batch["length"])
+        table = self.item_embeddings() if self._table is None else self._table
+        return self.inner_products(user, table)
 
     @torch.no_grad()
     def recommend_scored(

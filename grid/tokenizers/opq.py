@@ -25,7 +25,7 @@ class OptimizedPQ(Tokenizer):
     """
 
     ordered = False
-    collision_strategies = ("dedup", "random")
+    collision_strategies = ("dedup", "random", "none")  # none: RPG's ties left tied
 
     def __init__(
         self,
