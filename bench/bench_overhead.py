@@ -72,7 +72,7 @@ def models(num_items: int) -> dict:
         "TIGER handbook (4+4, d128)": ("tiger", lambda p: TIGER(short, **HANDBOOK_TIGER, packed=p)),
         "RPG (2 layers, d448, 32 codes)": ("rpg", lambda p: RPG(long, packed=p)),
         "SimGR (2 layers, d64)": ("simgr", lambda p: SimGR(short, packed=p)),
-        "SETRec (2 blocks, d64)": ("setrec", lambda p: SETRec(text, cf, packed=p)),
+        "SETRec (2 blocks, d64)": ("setrec", lambda p: SETRec(text, cf, beta=0.5, packed=p)),
         "SASRec (2 blocks, d64)": ("sasrec", lambda p: SASRec(num_items, packed=p)),
     }
 
