@@ -21,6 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from grid.data import SequenceDataModule, leave_one_out, load_sequences
 from grid.generators import RPG, SASRec, SETRec, SimGR
@@ -179,7 +180,7 @@ class NullModel(L.LightningModule):
 
 def lightning_loop(steps: int = 2000) -> dict:
     """ms per step of Lightning's loop around a null model, against a bare PyTorch loop."""
-    data = [torch.ones(1)] * steps
+    data = DataLoader(torch.ones(steps, 1), batch_size=1)
     counter = StepOperatorCounter(skip=1)
     trainer = L.Trainer(**QUIET, max_steps=steps, callbacks=[counter])
     model = NullModel()
