@@ -211,9 +211,9 @@ def reproduce(
     rows, notes = plan(sweep, out, results, list(extra), smoke)
     for note in notes:
         print(note)
-    ended = []
+    ended, planned = [], 0.0  # a dry run counts the projections of the rows it would start
     for row in rows:
-        left = deadline - time.monotonic()
+        left = deadline - time.monotonic() - planned
         if row.projected_s > left:
             print(
                 f"skipped {row.label} seed={row.seed}: projected {row.projected_s / 60:.1f} min, "
@@ -222,6 +222,7 @@ def reproduce(
             continue
         print(f"start   {row.label} seed={row.seed} (projected {row.projected_s / 60:.1f} min)")
         if dry_run:
+            planned += row.projected_s
             continue
         start = time.monotonic()
         error = sw.execute(row.run.args, row.run.folder, timeout=left)
