@@ -85,8 +85,9 @@ def operator_counts(path: Path | None = None) -> dict[str, dict[str, int]]:
 
 
 def project(cfg, epochs: float, ops: dict[str, int] | None) -> float:
-    """Seconds a run of `cfg` is expected to take: `epochs` of training steps and validations
-    at the operator model's step times, plus the stages and the test pass."""
+    """Seconds a run of `cfg` is expected to take: `epochs` (within the trainer's epoch and step
+    limits) of training steps and validations at the operator model's step times, plus the
+    stages and the test pass."""
     if ops is None:  # a generator without training (popularity): the stages and one test pass
         return STARTUP_S
     from grid.data import training_samples
@@ -96,9 +97,15 @@ def project(cfg, epochs: float, ops: dict[str, int] | None) -> float:
     samples = len(training_samples(split.train, cfg.data.max_history, cfg.data.sliding_window)[0])
     t = cfg.trainer
     users = len(split.valid[1]) if t.val_users is None else min(t.val_users, len(split.valid[1]))
-    train_s = math.ceil(samples / t.batch_size) * (LAUNCH_S + PER_OP_S * ops["train"])
+    per_epoch = math.ceil(samples / t.batch_size)
+    if t.max_epochs > 0:
+        epochs = min(epochs, t.max_epochs)
+    steps = epochs * per_epoch if t.max_steps <= 0 else min(epochs * per_epoch, t.max_steps)
+    interval = t.val_check_interval  # a fraction of an epoch, or a number of steps
+    validations = steps / interval if interval > 1 else steps / (per_epoch * interval)
+    step_s = LAUNCH_S + PER_OP_S * ops["train"]
     valid_s = math.ceil(users / t.eval_batch_size) * (LAUNCH_S + PER_OP_S * ops["eval"])
-    return STARTUP_S + epochs * (train_s + valid_s / t.val_check_interval)
+    return STARTUP_S + steps * step_s + validations * valid_s
 
 
 def read_results(path: Path) -> list[dict]:
@@ -233,7 +240,7 @@ def reproduce(
         line = result_row(table_name(sweep, smoke), row, error, wall)
         append_row(results, line)
         ended.append(line)
-        print(f"{line['status']:<8}{row.label} seed={row.seed} in {wall / 60:.1f} min")
+        print(f"{line['status']:<8} {row.label} seed={row.seed} in {wall / 60:.1f} min")
     if archive is not None and not dry_run:
         write_archive(archive, [row.run.folder for row in rows])
     return ended
