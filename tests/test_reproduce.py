@@ -57,7 +57,10 @@ def test_rows_are_recorded_once_failed_ones_too(small_beauty, tmp_path, capsys):
 def test_rows_that_do_not_fit_are_skipped_and_overruns_not_recorded(
     small_beauty, tmp_path, capsys, monkeypatch
 ):
-    spec = {**SPEC, "epochs": {"sasrec": 10**6}}
+    spec = {**SPEC, "epochs": {"sasrec": 1}}
+    counts = {"generator": "sasrec", "train_fixed": {"cuda_ops": 10**8}, "eval_fixed": {"ops": 1}}
+    slow = tmp_path / "overhead.jsonl"
+    slow.write_text(json.dumps(counts) + "\n")  # an hour a step: never fits
     path = write_sweep(
         tmp_path, grid={"generator.blocks": [1]}, seeds=[0], overrides=sasrec(small_beauty)
     )
@@ -66,7 +69,7 @@ def test_rows_that_do_not_fit_are_skipped_and_overruns_not_recorded(
     assert reproduce(path, results, "--minutes", "5") == 0
     out = capsys.readouterr().out
     assert "skipped generator.blocks=1 seed=0: projected" in out and not results.exists()
-    path.write_text(path.read_text().replace("1000000", "0"))
+    slow.write_text(slow.read_text().replace("100000000", "1"))
     monkeypatch.setattr(rp, "STARTUP_S", 0.0)  # projected to fit, then stopped by the clock
     assert reproduce(path, results, "--minutes", "0.02") == 0  # killed after ~1 s
     assert "not recorded, resumes next time" in capsys.readouterr().out
