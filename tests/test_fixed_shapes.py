@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from grid.data import SequenceDataModule, history_widths
+from grid.data import SequenceDataModule, history_widths, leave_one_out
 from grid.generators import RPG, SASRec, SETRec, SimGR
 from grid.generators.layers import Block, Layout
 from grid.generators.tiger import TIGER
@@ -26,8 +26,6 @@ GPT2 = dict(activation="gelu_new", bias=True, norm_eps=1e-12, embed_dropout=0.5,
 @pytest.fixture(scope="module")
 def data(beauty):
     """The 300 most popular Beauty items' sequences: histories of 1 to 20 items."""
-    from grid.data import leave_one_out
-
     return leave_one_out(subset(beauty, ITEMS), max_history=20)
 
 
