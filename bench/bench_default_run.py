@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_tiger import cpu_name
+from grid.profiling import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEED = "train/samples_per_s"  # absent from older metrics.json

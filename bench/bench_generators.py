@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_tiger import cpu_name
+
+from grid.profiling import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> overrides of the default experiment (or of experiments/gpu.yaml under trainer=gpu), or

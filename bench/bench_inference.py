@@ -19,13 +19,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from bench_tiger import cpu_name
 from omegaconf import OmegaConf
 
 from grid.cache import StageCache
 from grid.data import SequenceDataModule
 from grid.generators import GENERATORS
 from grid.pipeline import component, params, prepare
+from grid.profiling import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 

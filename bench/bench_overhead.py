@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -27,11 +26,8 @@ from grid.data import SequenceDataModule, leave_one_out, load_sequences
 from grid.generators import RPG, SASRec, SETRec, SimGR
 from grid.generators.layers import RMSNorm
 from grid.generators.tiger import TIGER
-from grid.profiling import OperatorCounter, StepOperatorCounter
+from grid.profiling import OperatorCounter, StepOperatorCounter, cpu_name
 from grid.sids import assign_sids
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_tiger import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "overhead.md"

@@ -19,12 +19,12 @@ from unittest import mock
 
 import numpy as np
 import torch
-from bench_tiger import cpu_name
 
 from grid.data import load_sequences
 from grid.generators import tiger as tiger_module
 from grid.generators.beam_search import ConstrainedBeamSearch, PrefixTable
 from grid.generators.tiger import TIGER
+from grid.profiling import cpu_name
 from grid.sids import assign_sids
 from grid.tokenizers.rkmeans import ResidualKMeans
 

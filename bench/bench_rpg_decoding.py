@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_tiger import cpu_name
 from omegaconf import OmegaConf
 
 from grid.data import leave_one_out, load_sequences, pad
 from grid.generators import rpg
 from grid.generators.rpg import RPG
+from grid.profiling import cpu_name
 from grid.sids import SemanticIDs
 
 ROOT = Path(__file__).resolve().parents[1]

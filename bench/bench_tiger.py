@@ -9,7 +9,6 @@ Run: python bench/bench_tiger.py  (writes bench/results/tiger.md; about 10 minut
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from grid.data import SequenceDataModule, leave_one_out, load_sequences, pad
 from grid.generators.tiger import TIGER
+from grid.profiling import cpu_name
 from grid.runner import keep_freed_memory
 from grid.sids import assign_sids
 from grid.tokenizers.rkmeans import ResidualKMeans
@@ -65,17 +65,6 @@ def matmul_rate(model: TIGER, tokens: int, dtype: torch.dtype) -> dict:
         rates[f"{k}x{n}"] = flops / seconds / 1e9
         total_flops, total_s = total_flops + flops, total_s + seconds
     return {"shapes": rates, "weighted": total_flops / total_s / 1e9}
-
-
-def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "")
-    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    isa = [f for f in ("amx_bf16", "avx512_bf16", "avx512f") if f" {f}" in flags]
-    return f"{name or platform.machine()} ({', '.join(isa) or 'no AVX-512'})"
 
 
 def bench_bf16(sids, dm: SequenceDataModule) -> dict:

@@ -3,7 +3,9 @@ costs on a GPU, where every operator is a kernel launch and every host read a st
 
 from __future__ import annotations
 
+import platform
 from collections import Counter
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -103,3 +105,16 @@ class StepOperatorCounter(Callback):
             self._counter.__exit__(None, None, None)
             self.steps.append(self._counter)
             self._counter = None
+
+
+def cpu_name() -> str:
+    """This CPU's model name and its bf16-relevant instruction sets, e.g. `AMD EPYC (avx512_bf16,
+    avx512f)`: the name to give beside every absolute CPU figure."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "")
+    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+    isa = [f for f in ("amx_bf16", "avx512_bf16", "avx512f") if f" {f}" in flags]
+    return f"{name or platform.machine()} ({', '.join(isa) or 'no AVX-512'})"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import tarfile
 import time
 from dataclasses import dataclass
@@ -50,17 +49,11 @@ def device() -> tuple[str, str]:
     """This machine's device kind (`gpu` or `cpu`) and name."""
     import torch
 
+    from grid.profiling import cpu_name
+
     if torch.cuda.is_available():
         return "gpu", torch.cuda.get_device_name(0)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
-    return "cpu", name
+    return "cpu", cpu_name()
 
 
 def label(run: sw.Run) -> str:
