@@ -1,6 +1,6 @@
 """The paper recipes pinned to their official values, the options they need (GPT-2 blocks,
 attention dropout, gradient clipping, warm-up and cosine schedules, ties left tied) and SETRec's
-warm/cold item groups against ranking each group's items alone."""
+warm/cold item groups against ranking each group's items alone (TIGER: decoding among them)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ from grid.config import ROOT, compose
 from grid.data import SequenceDataModule, leave_one_out
 from grid.generators.layers import ACTIVATIONS, Block, Layout
 from grid.generators.rpg import RPG
-from grid.metrics import rank_metrics
+from grid.generators.tiger import TIGER
+from grid.metrics import RankingTotals, rank_metrics
 from grid.runner import _trainer, model_key
 from grid.sids import assign_sids
 from tests.conftest import QUIET
 
 from .test_setrec import random_setrec
-from .test_tiger import subset
+from .test_tiger import SMALL, subset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,13 +178,19 @@ def test_warm_up_then_cosine_over_the_schedule_epochs(beauty):
     assert factor(total) == pytest.approx(0.0, abs=1e-12)
 
 
+def cold_target_split(beauty):
+    """300 users of Beauty's 50 most popular items; every fifth user's test target is one of 10
+    items (50 .. 59) never trained on."""
+    sequences = subset(beauty, 50)[:300]
+    for i in range(0, 300, 5):
+        sequences[i] = np.append(sequences[i][:-1], 50 + i % 10)
+    return leave_one_out(sequences, max_history=20)
+
+
 def test_item_groups_equal_ranking_each_groups_items_alone(beauty):
     """SETRec's warm/cold metrics: the other group's scores masked out equals ranking the
     group's items alone (for the users whose target is in the group)."""
-    sequences = subset(beauty, 50)[:300]
-    for i in range(0, 300, 5):  # every fifth user's test target: one of 10 items never trained on
-        sequences[i] = np.append(sequences[i][:-1], 50 + i % 10)
-    data = leave_one_out(sequences, max_history=20)
+    data = cold_target_split(beauty)
     model = random_setrec(items=60, beta=0.4, dropout=0.0).eval()
     dm = SequenceDataModule(data, eval_batch_size=16)
     warm_items = torch.zeros(60, dtype=torch.bool)
@@ -209,3 +216,72 @@ def test_item_groups_equal_ranking_each_groups_items_alone(beauty):
         assert m[f"test/{name}/random_recall@10"] == pytest.approx(
             min(10, len(members)) / len(members)
         )
+
+
+@pytest.mark.parametrize(
+    ("decoding", "collisions"),
+    [("constrained", "dedup"), ("constrained", "random"), ("exhaustive", "random")],
+)
+def test_tiger_item_groups_decode_exactly_among_the_groups_sids(
+    beauty, monkeypatch, decoding, collisions
+):
+    """TIGER's warm/cold item groups: with a beam at least as wide as the group's SIDs, the
+    lists are the exact top of the group's SIDs by log-likelihood, and hold only its items
+    (also where a warm and a cold item share a SID); free decoding reports no item groups."""
+    data = cold_target_split(beauty)
+    codes = np.random.default_rng(0).integers(0, 4, (60, 3))
+    codes[55] = codes[0]  # a cold item with a warm item's codes
+    sids = assign_sids(codes, (4, 4, 4), collisions)
+    assert (sids.item_group[0] == sids.item_group[55]) == (collisions == "random")
+    dm = SequenceDataModule(data, eval_batch_size=64)
+    warm_items = torch.zeros(60, dtype=torch.bool)
+    warm_items[dm.seen_items] = True
+    assert warm_items[0] and not warm_items[50:].any()
+    model = TIGER(sids, beam_width=64, decoding=decoding, bf16=False, dropout=0.0, **SMALL).eval()
+    model.warm_items = warm_items
+    calls = {"warm_items/": [], "cold_items/": []}  # each batch's ranked lists, in order
+    update_items = RankingTotals.update_items
+
+    def record(totals, prefix, ranked, target, users, items):
+        calls[prefix].append(ranked)
+        update_items(totals, prefix, ranked, target, users, items)
+
+    monkeypatch.setattr(RankingTotals, "update_items", record)
+    (m,) = L.Trainer(**QUIET).test(model, dm.test_dataloader(), verbose=False)
+
+    # the reference: every user's log-likelihood of every SID, the other group's SIDs masked out
+    sid_of = torch.as_tensor(sids.item_group)
+    targets = torch.as_tensor(data.test[1])
+    for name, group in (("warm_items", warm_items), ("cold_items", ~warm_items)):
+        group_sids = torch.zeros(sids.num_unique, dtype=torch.bool)
+        group_sids[sid_of[group]] = True
+        assert int(group_sids.sum()) <= 64  # the beam keeps every prefix: exact
+        users = 0
+        batches = list(dm.test_dataloader())
+        assert len(calls[f"{name}/"]) == len(batches)
+        for batch, ranked in zip(batches, calls[f"{name}/"], strict=True):
+            inside = group[batch["target"]]
+            rows = {key: value[inside] for key, value in batch.items()}
+            assert ranked.shape == (len(rows["target"]), 20)
+            if not len(rows["target"]):
+                continue
+            with torch.no_grad():
+                state = model._start(rows)
+                scores = model._score_codes(state, model.unique_codes)
+            best = scores.masked_fill(~group_sids, float("-inf")).topk(20).values
+            found = ranked >= 0
+            n = min(20, int(group_sids.sum()))
+            assert found[:, :n].all() and not found[:, n:].any()
+            assert group[ranked[found]].all()
+            decoded = sid_of[ranked[:, :n]]
+            assert (decoded.sort(1).values.diff(1) > 0).all()  # distinct SIDs
+            torch.testing.assert_close(scores.gather(1, decoded), best[:, :n], atol=1e-4, rtol=0)
+            users += len(rows["target"])
+        assert users == int(group[targets].sum()) > 0
+        assert m[f"test/{name}/users"] == users and m[f"test/{name}/items"] == int(group.sum())
+        assert f"test/{name}/recall@10" in m and f"test/{name}/ndcg@10" in m
+
+    model.decoding = "free"
+    (free,) = L.Trainer(**QUIET).test(model, dm.test_dataloader(), verbose=False)
+    assert "test/warm_users/recall@10" in free
+    assert not any("_items/" in key for key in free)

@@ -149,7 +149,8 @@ class Recommender(L.LightningModule):
     consumes: frozenset[str] = frozenset({"sids"})
     sids: SemanticIDs | None = None  # the SIDs a model is built on, checked when loading weights
     # bool `[num_items]`: items seen in training; set, tests also rank each item group alone
-    # (`warm_items/`, `cold_items/`) where `catalogue_scores` gives scores
+    # (`warm_items/`, `cold_items/`) where `catalogue_scores` gives scores or a generator
+    # overrides `_item_groups` (TIGER decodes among each group's SIDs)
     warm_items: torch.Tensor | None = None
     # float `[num_items, categories]` (`grid.metrics.category_matrix`): adds category_entropy@K
     item_categories: torch.Tensor | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,13 @@ from torch import nn
 from grid.config import check_fields
 from grid.data import last_items
 from grid.errors import GridError
-from grid.generators.base import INVALID_SID, PipelineInputs, Recommender, pad_ranked
+from grid.generators.base import (
+    INVALID_SID,
+    NO_ITEM,
+    PipelineInputs,
+    Recommender,
+    pad_ranked,
+)
 from grid.generators.beam_search import ConstrainedBeamSearch, ExhaustiveSearch, PrefixTable
 from grid.generators.layers import Block, Dropout, Layout, RelativeBias, RMSNorm
 from grid.metrics import KS
@@ -45,6 +52,16 @@ PARAM_RANGES = {
 def user_bucket(user: torch.Tensor, buckets: int) -> torch.Tensor:
     """Hash user ids into `buckets` (multiplicative hashing, so neighbouring ids spread out)."""
     return (user * 2654435761) % (2**32) % buckets
+
+
+@dataclass
+class ItemGroup:
+    """A group of items to decode among: their SIDs (row i is item `items[i]`'s) and prefixes."""
+
+    items: torch.Tensor  # global ids `[n]`, ascending
+    sids: SemanticIDs
+    prefixes: PrefixTable
+    unique_codes: torch.Tensor
 
 
 class TIGER(Recommender):
@@ -195,6 +212,7 @@ class TIGER(Recommender):
             if not t5:  # GRID resets its T5 stacks to the PyTorch defaults the modules come with
                 self.apply(self._init)
         self._invalid = self._decoded = 0
+        self._group_tables: dict[str, ItemGroup | None] | None = None  # built by `_item_groups`
 
     def _autocast(self):
         """bf16 matmuls where enabled: on CPUs with bf16 dot products they run ~3x faster."""
@@ -429,10 +447,13 @@ class TIGER(Recommender):
         return total
 
     @torch.no_grad()
-    def search(self, batch: dict[str, torch.Tensor], k: int) -> tuple[torch.Tensor, ...]:
-        """Decoded SID groups `[B, W]` (-1: invalid or none) and their log-likelihoods."""
+    def search(
+        self, batch: dict[str, torch.Tensor], k: int, group: ItemGroup | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Decoded SID groups `[B, W]` (-1: invalid or none) and their log-likelihoods; with
+        `group`, rows of `group.sids.unique_codes` (constrained or exhaustive decoding)."""
         with self._autocast():
-            return self._search(batch, k)
+            return self._search(batch, k, group)
 
     def selection_decoding(self) -> dict:
         """Model selection decodes with one fixed setting, so the cached model never depends on
@@ -450,13 +471,17 @@ class TIGER(Recommender):
             width = min(width, self.sids.num_unique)
         return decoding, width
 
-    def _search(self, batch, k):
+    def _search(self, batch, k, group: ItemGroup | None = None):
         state = self._start(batch)
         decoding, width = self._decoding()
+        prefixes, unique_codes = self.prefixes, self.unique_codes
+        if group is not None:
+            prefixes, unique_codes = group.prefixes, group.unique_codes
+            width = min(width, len(unique_codes))
         if decoding == "exhaustive":
-            exhaustive = ExhaustiveSearch(self.unique_codes, chunk=256)
+            exhaustive = ExhaustiveSearch(unique_codes, chunk=256)
             return exhaustive.search(lambda codes: self._score_codes(state, codes), k)
-        beams = ConstrainedBeamSearch(self.prefixes, width, decoding == "constrained")
+        beams = ConstrainedBeamSearch(prefixes, width, decoding == "constrained")
         step = lambda level, codes, parents: self._beam_step(state, level, codes, parents)  # noqa: E731
         return beams.search(step, len(batch["length"]), device=self.item_tokens.device)
 
@@ -478,9 +503,58 @@ class TIGER(Recommender):
         items = self.sids.pick_items(groups, batch.get("user"), self.seed)
         return pad_ranked(items.masked_fill(invalid, INVALID_SID), scores, k)
 
+    def _item_group(self, members: torch.Tensor) -> ItemGroup | None:
+        """Decoding restricted to the items of bool `members [num_items]`; None if it has none."""
+        items = members.cpu().nonzero()[:, 0]
+        if not len(items):
+            return None
+        sids = SemanticIDs(self.sids.codes[items.numpy()], self.vocab_sizes, self.sids.ordered)
+        device = self.item_tokens.device
+        return ItemGroup(
+            items.to(device),
+            sids,
+            PrefixTable(sids.unique_codes, self.vocab_sizes).to(device),
+            torch.as_tensor(sids.unique_codes, device=device),
+        )
+
+    def _group_ranked(
+        self, batch: dict[str, torch.Tensor], k: int, group: ItemGroup
+    ) -> torch.Tensor:
+        """Item ids `[B, k]` of decoding restricted to `group`, best first; NO_ITEM past the
+        group's SIDs. A SID shared with another group's items yields one of this group's."""
+        groups, scores = self.search(batch, k, group)
+        groups, scores = groups[:, :k], scores[:, :k]  # constrained: none (-1) only at the end
+        local = group.sids.pick_items(groups, batch.get("user"), self.seed)
+        items = torch.where(local >= 0, group.items[local.clamp(min=0)], NO_ITEM)
+        return pad_ranked(items, scores, k)[0]
+
+    def _item_groups(self, batch: dict[str, torch.Tensor]) -> None:
+        """SETRec's warm/cold item groups: for the users whose target is in a group, decode
+        among the group's SIDs only (a prefix table per group, built once per evaluation).
+        Free decoding cannot keep its output inside a group, so it reports no item groups."""
+        if self._decoding()[0] == "free":
+            return
+        if self._group_tables is None:
+            self._group_tables = {
+                "warm_items/": self._item_group(self.warm_items),
+                "cold_items/": self._item_group(~self.warm_items),
+            }
+        k = max(self.ks)
+        for prefix, rows in (("warm_items/", batch["warm"]), ("cold_items/", ~batch["warm"])):
+            group = self._group_tables[prefix]
+            rows_batch = {name: value[rows] for name, value in batch.items()}
+            target = rows_batch["target"]
+            ranked = torch.full((len(target), k), NO_ITEM, device=target.device)
+            if group is not None and len(target):
+                ranked = self._group_ranked(rows_batch, k, group)
+            count = 0 if group is None else len(group.items)
+            users = torch.ones_like(target, dtype=torch.bool)
+            self._totals.update_items(prefix, ranked, target, users, count)
+
     def _eval_start(self) -> None:
         super()._eval_start()
         self._invalid = self._decoded = 0
+        self._group_tables = None  # `warm_items` may differ from the last evaluation's
 
     def _eval_end(self, stage: str) -> None:
         super()._eval_end(stage)
