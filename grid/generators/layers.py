@@ -18,11 +18,11 @@ FLASH_MIN_KEYS = 40  # bf16 CPU inference: fused attention from this many keys o
 def cached_attention(q, static=None, dynamic=None, bias=None, scale=None):
     """Attention of beam queries over per-user keys shared by all beams and per-beam keys.
 
-    q `[B, W, t, h, dk]` (beams x new tokens); static `(k, v, keep)`: k, v `[B, h, T, dk]`,
-    keep `[B, T]` bool or None; dynamic `(k, v)` `[B*W, h, S, dk]`, the last t positions the
-    queries' own. bias `(static [1, h, t, T] | None, dynamic [h, t, S] | None)` is added to the
-    scores (T5 relative positions); scale defaults to dk**-0.5. Shared keys are never copied per
-    beam: beams fold into the query length. Returns `[B, W, t, h*dk]`.
+    q `[B, W, t, h, dk]` (beams x new tokens); static `(k, v, pad)`: k, v `[B, h, T, dk]`,
+    pad `[B, 1, 1, T]` bool (True: a padding key) or None; dynamic `(k, v)` `[B*W, h, S, dk]`,
+    the last t positions the queries' own. bias `(static [1, h, t, T] | None, dynamic [h, t, S]
+    | None)` is added to the scores (T5 relative positions); scale defaults to dk**-0.5. Shared
+    keys are never copied per beam: beams fold into the query length. Returns `[B, W, t, h*dk]`.
     """
     B, W, t, h, dk = q.shape
     scale = dk**-0.5 if scale is None else scale
@@ -30,13 +30,13 @@ def cached_attention(q, static=None, dynamic=None, bias=None, scale=None):
     T = 0
     parts = []
     if static is not None:
-        k, v, keep = static
+        k, v, pad = static
         T = k.shape[2]
         s = q.view(B, W * t, h, dk).transpose(1, 2) @ k.transpose(-1, -2)  # [B, h, W*t, T]
         if scale != 1:
             s = s * scale
-        if keep is not None:
-            s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+        if pad is not None:
+            s = s.masked_fill(pad, float("-inf"))
         if static_bias is not None:
             s = (s.view(B, h, W, t, T) + static_bias[:, :, None]).view(B, h, W * t, T)
         if dynamic is None:
@@ -54,7 +54,7 @@ def cached_attention(q, static=None, dynamic=None, bias=None, scale=None):
         future = torch.ones(t, S, dtype=torch.bool, device=q.device).triu(S - t + 1)
         s = s.masked_fill(future, float("-inf"))
     parts.append(s)
-    p = torch.cat(parts, dim=-1).softmax(-1)
+    p = (torch.cat(parts, dim=-1) if len(parts) > 1 else s).softmax(-1)
     out = p[..., T:] @ v  # [B*W, h, t, dk]
     if static is not None:
         ps = p[..., :T].reshape(B, W, h, t, T).transpose(1, 2).reshape(B, h, W * t, T)
@@ -136,16 +136,17 @@ class Layout:
         return count.cumsum(0) - 1
 
 
-def attend(q, k, v, mask=None, causal=False, scale=None, bias=None, dropout=None):
+def attend(q, k, v, mask=None, causal=False, scale=None, bias=None, dropout=None, fused=False):
     """Attention `[B, h, Tq, dk]`; mask is bool (True: may attend), bias an additive
     `[1, h, Tq, Tk]` (T5 relative positions) broadcast over the batch. `dropout`: a module
-    applied to the attention probabilities (GPT-2's attn_pdrop) while it trains."""
+    applied to the attention probabilities (GPT-2's attn_pdrop) while it trains. `fused`: always
+    `F.scaled_dot_product_attention` (the fixed-shape path: one kernel each way on every device)."""
     Tq, Tk = q.shape[-2], k.shape[-2]
     # CPU flash attention is slow in bf16 at our short lengths, above all its backward; without
     # gradients it overtakes the plain product from about 40 keys on (bias kept in fp32 below)
     flash = not torch.is_grad_enabled() and bias is None and Tk >= FLASH_MIN_KEYS
     dropping = dropout is not None and dropout.training and dropout.p > 0
-    if not dropping and (q.dtype != torch.bfloat16 or q.device.type != "cpu" or flash):
+    if fused or not dropping and (q.dtype != torch.bfloat16 or q.device.type != "cpu" or flash):
         if bias is not None:  # SDPA takes one mask: the bias, -inf where attention is barred
             if causal:
                 future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(1)
@@ -153,7 +154,7 @@ def attend(q, k, v, mask=None, causal=False, scale=None, bias=None, dropout=None
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
             mask, causal = mask.to(q.dtype), False
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=scale
+            q, k, v, mask, dropout.p if dropping else 0.0, causal, scale=scale
         )
     s = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-1, -2)
     if bias is not None:
@@ -315,6 +316,7 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(d_model, 3 * inner, bias=bias)
         self.out = nn.Linear(inner, d_model, bias=bias)
         self.drop = Dropout(dropout, packed) if dropout > 0 else None
+        self.fused = not packed  # the fixed-shape path attends as a GPU does (see `attend`)
 
     def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
         # [B, T, n*h*dk] -> n tensors [B, h, T, dk]
@@ -334,10 +336,10 @@ class Attention(nn.Module):
         """
         if self.cross:
             (q,), (k, v) = self._heads(layout.pad(self.q(x)), 1), memory_kv
-            y = attend(q, k, v, mask=memory_mask, scale=self.scale, dropout=self.drop)
+            y = attend(q, k, v, memory_mask, scale=self.scale, dropout=self.drop, fused=self.fused)
         else:
             q, k, v = self._heads(layout.pad(self.qkv(x)), 3)
-            y = attend(q, k, v, layout.mask, layout.causal, self.scale, bias, self.drop)
+            y = attend(q, k, v, layout.mask, layout.causal, self.scale, bias, self.drop, self.fused)
         return self.out(layout.pack(y.transpose(1, 2))), k, v
 
     def last(self, x: torch.Tensor, layout: Layout, rows: torch.Tensor) -> torch.Tensor:
@@ -350,7 +352,7 @@ class Attention(nn.Module):
         k, v = self._heads(layout.pad(kv), 2)
         # the row's last token sees every real token of its row, never the padding
         keep = None if layout.keep is None else layout.keep[:, None, None, :]
-        y = attend(q, k, v, mask=keep, scale=self.scale, dropout=self.drop)
+        y = attend(q, k, v, mask=keep, scale=self.scale, dropout=self.drop, fused=self.fused)
         return self.out(y.reshape(B, h * dk))
 
     def step(self, x, static=None, cache=None, bias=None):

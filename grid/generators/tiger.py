@@ -358,12 +358,16 @@ class TIGER(Recommender):
         tokens, count = self._prompt(batch)
         if self.architecture == "encoder_decoder":
             memory, layout = self._encode(tokens, count)
-            keep = None if layout.mask is None else layout.mask[:, 0, 0]
-            return {"cross": [(*b.cross.memory_kv(memory, layout), keep) for b in self.decoder]}
+            pad = None if layout.mask is None else ~layout.mask
+            state = {"cross": [(*b.cross.memory_kv(memory, layout), pad) for b in self.decoder]}
+            if self.t5:  # every decoder step's relative bias, once: steps slice it
+                steps = torch.arange(self.levels, device=tokens.device)
+                state["dec_bias"] = self.dec_rel(steps[None] - steps[:, None])
+            return state
         bos = torch.full_like(tokens[:, :1], self.bos)
         h, kvs, keep, pos = self._run_decoder_only(tokens, count, bos)
         # the prompt ends with bos, so its last state already predicts level 0
-        prefix = [(k, v, keep) for k, v in kvs]
+        prefix = [(k, v, ~keep[:, None, None, :]) for k, v in kvs]
         return {"prefix": prefix, "bos_pos": pos[:, -1], "h0": h[:, -1:, None]}
 
     def _decode(self, state: dict, tokens: torch.Tensor, start: int, caches: list | None):
@@ -373,12 +377,10 @@ class TIGER(Recommender):
         # under autocast keep the beams' residual stream in bf16 too: it halves memory traffic
         dev = tokens.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        steps = torch.arange(start, start + t, device=tokens.device)
         x, bias = self.embed(tokens), None
         if self.architecture == "encoder_decoder":
             if self.t5:  # only the new queries' rows: keys are decoder steps 0 .. start+t-1
-                keys = torch.arange(start + t, device=tokens.device)
-                bias = (None, self.dec_rel(keys[None] - steps[:, None]))
+                bias = (None, state["dec_bias"][:, start : start + t, : start + t])
             else:
                 x = x + self.dec_pos.weight[start : start + t]
             x = x.to(dtype)
@@ -387,6 +389,7 @@ class TIGER(Recommender):
                     x, cache=caches[i], cross_static=state["cross"][i], bias=bias
                 )
         else:
+            steps = torch.arange(start, start + t, device=tokens.device)
             if self.t5:  # keys: the prompt grid (bos last), then decoder steps 1 .. start+t-1
                 T = state["prefix"][0][0].shape[2]
                 prompt = torch.arange(T, device=tokens.device)[None] - (T - 1 + steps[:, None])
