@@ -28,6 +28,7 @@ class SemanticIDs:
     ordered: bool = True
     unique_codes: np.ndarray = field(init=False, repr=False)
     item_group: np.ndarray = field(init=False, repr=False)  # item -> row of unique_codes
+    _tables: dict = field(init=False, repr=False, default_factory=dict)  # `_device_tables`
 
     def __post_init__(self):
         self.codes = np.ascontiguousarray(self.codes, dtype=np.int64)
@@ -85,30 +86,60 @@ class SemanticIDs:
         drawn uniformly by a hash of (seed, user, SID), so a user's draw is the same whatever
         the batch or process (`users [B]`; None: user 0 for every row).
 
-        Entries < 0 (no SID decoded) stay -1.
+        Runs on the groups' device without reading anything back. Entries < 0 (no SID) stay -1.
         """
-        g = groups.cpu().numpy()
-        valid = g >= 0
-        gv = np.where(valid, g, 0)
-        sizes = self.group_sizes[gv]
-        user = np.zeros(len(g), dtype=np.int64) if users is None else users.cpu().numpy()
-        u = hash_uniform(np.int64(seed), user[:, None], gv)
-        pick = np.minimum((u * sizes).astype(np.int64), sizes - 1)
-        items = self._members[self._offsets[gv] + pick]
-        return torch.as_tensor(np.where(valid, items, -1), device=groups.device)
+        members, offsets = self._device_tables(groups.device)
+        g = groups.clamp(min=0)
+        if self.num_unique == self.num_items:  # no SID is shared: nothing to draw
+            return torch.where(groups >= 0, members[offsets[g]], -1)
+        first, sizes = offsets[g], offsets[g + 1] - offsets[g]
+        user = torch.zeros(len(g), dtype=torch.long, device=g.device) if users is None else users
+        u = hash_uniform(seed, user.to(g.device)[:, None], g)
+        pick = torch.minimum((u * sizes).long(), sizes - 1)
+        return torch.where(groups >= 0, members[first + pick], -1)
+
+    def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items sorted by SID and each SID's offset into them, copied to `device` once."""
+        if device not in self._tables:
+            self._tables[device] = (
+                torch.as_tensor(self._members, device=device),
+                torch.as_tensor(self._offsets, device=device),
+            )
+        return self._tables[device]
 
 
-def hash_uniform(*keys: np.ndarray) -> np.ndarray:
-    """Floats in [0, 1), one per element of the broadcast integer `keys`, from SplitMix64's
-    mixer: the same keys always give the same draw, neighbouring keys unrelated ones."""
-    x = np.zeros(np.broadcast_shapes(*(np.shape(k) for k in keys)), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for key in keys:
-            x = x + np.asarray(key).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _int64(value: int) -> int:
+    """A 64-bit unsigned value as the int64 with the same bits."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x, bits: int):
+    """Logical right shift of 64-bit patterns (torch's `>>` on int64 extends the sign)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def hash_uniform(*keys: torch.Tensor | int) -> torch.Tensor:
+    """Float64s in [0, 1), one per element of the broadcast integer `keys`, from SplitMix64's
+    mixer on 64-bit patterns (int64 arithmetic wraps as uint64 does): the same keys always give
+    the same draw on any device, neighbouring keys unrelated ones. Leading int keys (a seed)
+    are mixed on the host."""
+    x: torch.Tensor | int = 0
+    for key in keys:
+        if isinstance(x, int) and isinstance(key, int):  # exact on Python ints, then as int64
+            x = (x + key + _GOLDEN) & ((1 << 64) - 1)
+            x = (x ^ (x >> 30)) * _MIX1 & ((1 << 64) - 1)
+            x = (x ^ (x >> 27)) * _MIX2 & ((1 << 64) - 1)
+            x = _int64(x ^ (x >> 31))
+            continue
+        x = x + key + _int64(_GOLDEN)
+        x = (x ^ _shift_right(x, 30)) * _int64(_MIX1)
+        x = (x ^ _shift_right(x, 27)) * _int64(_MIX2)
+        x = x ^ _shift_right(x, 31)
+    return _shift_right(torch.as_tensor(x), 11).double() * 2.0**-53
 
 
 def deduplicate(codes: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from scipy.stats import ortho_group
 from grid.cache import StageCache
 from grid.errors import GridError
 from grid.pipeline import build_tokenizer, tokenize
-from grid.sids import assign_sids
+from grid.sids import assign_sids, hash_uniform
 from grid.tokenizers import (
     RQVAE,
     TOKENIZERS,
@@ -338,6 +338,27 @@ def test_dedup_and_random_strategies(X, rkmeans):
     np.testing.assert_array_equal(alone, items[5:9])
     reseeded = sids.pick_items(groups[:, None], users, seed=1).numpy()[:, 0]
     assert (reseeded != items).any()
+
+
+def test_hash_uniform_is_splitmix64():
+    """The torch hash gives, bit for bit, SplitMix64's mixer over unsigned 64-bit integers."""
+
+    def splitmix(*keys: int) -> float:
+        x, mask = 0, (1 << 64) - 1
+        for key in keys:
+            x = (x + key + 0x9E3779B97F4A7C15) & mask
+            x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+            x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+            x ^= x >> 31
+        return (x >> 11) * 2.0**-53
+
+    users = torch.tensor([0, 1, 7, 22362, 2**31 - 1, 2**40 + 5])
+    groups = torch.tensor([0, 3, 12100, 2**20])
+    drawn = hash_uniform(3, users[:, None], groups)
+    expected = [[splitmix(3, u, g) for g in groups.tolist()] for u in users.tolist()]
+    assert drawn.dtype == torch.float64
+    assert drawn.tolist() == expected
+    assert drawn.min() >= 0 and drawn.max() < 1
 
 
 def test_opq_has_no_balanced_strategy(X, opq):
