@@ -301,6 +301,11 @@ def check_trainer(t: DictConfig) -> None:
                 f"trainer.{field}={value} trains nothing; set it to 1 or more, or -1 for no limit "
                 f"(then the other of max_epochs and max_steps bounds training)"
             )
+    if t.get("cuda_graphs") and not t.get("compile"):
+        raise GridError(
+            "trainer.cuda_graphs=true replays the compiled training loss; set trainer.compile=true "
+            "too"
+        )
     devices = t.get("devices")  # also "auto" or a list of device ids, which Lightning checks
     if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 and devices != -1:
         raise GridError(

@@ -72,7 +72,7 @@ def operator_counts(path: Path | None = None) -> dict[str, dict[str, int]]:
         if "generator" in row:
             counts[row["generator"]] = {
                 "train": row["train_fixed"]["cuda_ops"],
-                "eval": row["eval_fixed"]["ops"],
+                "eval": row["eval_fixed"]["cuda_ops"],
             }
     return counts
 

@@ -317,7 +317,7 @@ def _fit(cfg: DictConfig, model: Recommender, datamodule, folder: Path, logger) 
     ]
     trainer = _trainer(cfg, folder, callbacks, logger)
     if cfg.trainer.compile:
-        model.compile_loss()
+        model.compile_loss("reduce-overhead" if cfg.trainer.cuda_graphs else None)
     with _interruptible(trainer):
         trainer.fit(model, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
     if not best.is_file():  # no validation ran (e.g. a tiny step budget): keep the final weights

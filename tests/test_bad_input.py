@@ -140,6 +140,7 @@ def test_unreadable_last_checkpoint_trains_from_the_start(small_beauty, tmp_path
         ("trainer.batch_size=0", "trainer.batch_size=0 is out of range; set it to a value >= 1"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0 trains nothing; set it to 1 or more"),
         ("trainer.patience=-1", "trainer.patience=-1 is out of range; set it to a value >= 0"),
+        ("trainer.cuda_graphs=true", "trainer.cuda_graphs=true replays the compiled training"),
     ],
 )
 def test_bad_run_values_fail_before_any_stage(small_beauty, tmp_path, capsys, override, message):

@@ -169,3 +169,28 @@ def test_compile_keeps_the_state_dict_and_falls_back_with_one_warning(
     assert model.loss == model.__class__.loss.__get__(model)  # eager from now on
     warnings = [r.getMessage() for r in caplog.records if "trainer.compile" in r.getMessage()]
     assert warnings == ["trainer.compile: compiling the loss failed (no C++ compiler found); eager"]
+
+
+def test_reduce_overhead_compiles_with_cuda_graphs_and_clones_outputs(sids, data, monkeypatch):
+    """`trainer.compile=reduce-overhead`: torch.compile's CUDA-graph mode, each call opening a
+    new graph step and returning a copy that the next replay cannot overwrite."""
+    model = generators(sids)["sasrec"](False).eval()
+    batch = next(iter(SequenceDataModule(data, batch_size=8).train_dataloader()))
+    seen, steps, outputs = {}, [], []
+
+    def replaying(fn, **kwargs):
+        seen.update(kwargs)
+
+        def replay(*args, **kw):
+            outputs.append(fn(*args, **kw))
+            return outputs[-1]
+
+        return replay
+
+    monkeypatch.setattr(torch, "compile", replaying)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    model.compile_loss("reduce-overhead")
+    first, second = model.loss(batch), model.loss(batch)
+    assert seen["mode"] == "reduce-overhead" and seen["fullgraph"] and len(steps) == 2
+    assert first is not outputs[0] and torch.equal(first, outputs[0])
+    torch.testing.assert_close(second, first)

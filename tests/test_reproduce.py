@@ -20,7 +20,11 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("GRID_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.chdir(tmp_path)
-    counts = {"generator": "sasrec", "train_fixed": {"cuda_ops": 200}, "eval_fixed": {"ops": 100}}
+    counts = {
+        "generator": "sasrec",
+        "train_fixed": {"cuda_ops": 200},
+        "eval_fixed": {"cuda_ops": 100},
+    }
     (tmp_path / "overhead.jsonl").write_text(json.dumps(counts) + "\n")
     monkeypatch.setattr(rp, "OVERHEAD", tmp_path / "overhead.jsonl")
 
@@ -58,7 +62,11 @@ def test_rows_that_do_not_fit_are_skipped_and_overruns_not_recorded(
     small_beauty, tmp_path, capsys, monkeypatch
 ):
     spec = {**SPEC, "epochs": {"sasrec": 1}}
-    counts = {"generator": "sasrec", "train_fixed": {"cuda_ops": 10**8}, "eval_fixed": {"ops": 1}}
+    counts = {
+        "generator": "sasrec",
+        "train_fixed": {"cuda_ops": 10**8},
+        "eval_fixed": {"cuda_ops": 1},
+    }
     slow = tmp_path / "overhead.jsonl"
     slow.write_text(json.dumps(counts) + "\n")  # an hour a step: never fits
     path = write_sweep(

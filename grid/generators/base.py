@@ -238,11 +238,19 @@ class Recommender(L.LightningModule):
         self.log_loss("train/loss", loss, batch, prog_bar=True)
         return loss
 
-    def compile_loss(self) -> None:
+    def compile_loss(self, mode: str | None = None) -> None:
         """Compile `self.loss` in place as one graph (the module, and so its state_dict keys,
-        stay as they are). If the first compiled call fails, one warning and eager from then on."""
+        stay as they are). If the first compiled call fails, one warning and eager from then on.
+        `mode="reduce-overhead"` also replays the graph with CUDA graphs on a GPU."""
         eager = self.loss
-        compiled = torch.compile(eager, fullgraph=True, dynamic=False)
+        compiled = torch.compile(eager, fullgraph=True, dynamic=False, mode=mode)
+        if mode == "reduce-overhead":  # a step's graph outputs live until the next replay only
+            replayed = compiled
+
+            def compiled(*args, **kwargs):
+                torch.compiler.cudagraph_mark_step_begin()
+                return replayed(*args, **kwargs).clone()
+
         first = True
 
         def loss(*args, **kwargs):
