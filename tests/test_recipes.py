@@ -78,9 +78,29 @@ SIMGR_PAPER = {
     },
 }
 
+SETREC_PAPER = {  # Linxyhaha/SETRec code/scripts/train_t5.sh, example `toys 1e-3 4 0.7`
+    "generator": {
+        "name": "setrec",
+        "architecture": "encoder_decoder",
+        "semantic_tokens": 4,
+        "alpha": 0.7,
+        "ae_hidden": [512, 256, 128],
+        "whiten": False,
+        "lr": 1e-3,
+        "schedule": "cosine",
+        "warmup_steps": 100,
+    },
+    "trainer": {"batch_size": 512, "max_epochs": 30, "monitor": "valid/ndcg@10"},
+}
+
 
 @pytest.mark.parametrize(
-    ("experiment", "recipe"), [("rpg_paper.yaml", RPG_PAPER), ("simgr_paper.yaml", SIMGR_PAPER)]
+    ("experiment", "recipe"),
+    [
+        ("rpg_paper.yaml", RPG_PAPER),
+        ("simgr_paper.yaml", SIMGR_PAPER),
+        ("setrec_paper.yaml", SETREC_PAPER),
+    ],
 )
 def test_paper_recipes_hold_the_official_values(experiment, recipe):
     cfg = compose(ROOT / "experiments" / experiment)
