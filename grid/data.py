@@ -345,7 +345,8 @@ class SequenceSamples(TorchDataset):
 
     Evaluation samples also carry `warm`: whether the target appears in the training sequences.
     A batch's histories are cut to its longest one, or with `widths` to the narrowest of those
-    widths that holds it.
+    widths that holds it. `to(device)` keeps the rows there (batches are gathered on the device);
+    the widths are read from a host copy of the lengths.
     """
 
     def __init__(
@@ -359,9 +360,13 @@ class SequenceSamples(TorchDataset):
         self.widths = widths
         self.users = torch.as_tensor(users)
         self.lengths = torch.tensor([len(h) for h in histories])
+        self.host_lengths = self.lengths.numpy()
         self.history = torch.as_tensor(pad(histories))
         self.targets = torch.as_tensor(targets)
         self.warm = None if train_items is None else torch.as_tensor(np.isin(targets, train_items))
+        self.rows = {"user": self.users, "length": self.lengths, "target": self.targets}
+        if self.warm is not None:
+            self.rows["warm"] = self.warm
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -369,20 +374,19 @@ class SequenceSamples(TorchDataset):
     def __getitem__(self, i):
         return i
 
+    def to(self, device: torch.device | str) -> SequenceSamples:
+        """Keep the rows on `device`: each batch is then gathered there, not copied to it."""
+        self.rows = {name: rows.to(device) for name, rows in self.rows.items()}
+        self.history = self.history.to(device)
+        return self
+
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(idx)
-        lengths = self.lengths[idx]
-        width = int(lengths.max())
+        width = int(self.host_lengths[idx].max())  # numpy: no tensor read back
         if self.widths:
             width = min([w for w in self.widths if w >= width] or [width])
-        batch = {
-            "user": self.users[idx],
-            "history": self.history[idx, :width],
-            "length": lengths,
-            "target": self.targets[idx],
-        }
-        if self.warm is not None:
-            batch["warm"] = self.warm[idx]
+        idx = torch.as_tensor(idx, device=self.history.device)
+        batch = {name: rows[idx] for name, rows in self.rows.items()}
+        batch["history"] = self.history[idx, :width]
         return batch
 
 
@@ -531,6 +535,14 @@ class SequenceDataModule(L.LightningDataModule):
         self.seen_items = seen  # the warm items: seen in training sequences
         self.full_valid_set = SequenceSamples(np.arange(n), *split.valid, seen, widths)
         self.test_set = SequenceSamples(np.arange(n), *split.test, seen, widths)
+
+    def setup(self, stage: str) -> None:
+        """On the fixed-shape path, keep the samples on the trainer's device (a GPU): no copy
+        of each batch from the host."""
+        if self.fixed_shapes and self.trainer is not None:
+            device = self.trainer.strategy.root_device
+            for data in (self.train_set, self.valid_set, self.full_valid_set, self.test_set):
+                data.to(device)
 
     def _loader(self, data: SequenceSamples, train: bool) -> DataLoader:
         size = self.batch_size if train else self.eval_batch_size

@@ -194,3 +194,21 @@ def test_reduce_overhead_compiles_with_cuda_graphs_and_clones_outputs(sids, data
     assert seen["mode"] == "reduce-overhead" and seen["fullgraph"] and len(steps) == 2
     assert first is not outputs[0] and torch.equal(first, outputs[0])
     torch.testing.assert_close(second, first)
+
+
+def test_fixed_shape_samples_stay_on_the_device_and_gather_the_same_batches(data):
+    """`setup` moves every sample set to the trainer's device; a batch is then gathered there
+    (here the meta device stands in for a GPU), with the same rows and width as on the host."""
+    dm = SequenceDataModule(data, batch_size=16, fixed_shapes=True)
+    idx = list(range(40, 56))
+    host = dm.train_set.collate(idx)
+    dm.trainer = type("T", (), {"strategy": type("S", (), {"root_device": "meta"})()})()
+    dm.setup("fit")
+    for samples in (dm.train_set, dm.valid_set, dm.full_valid_set, dm.test_set):
+        assert samples.history.is_meta and all(r.is_meta for r in samples.rows.values())
+        assert not samples.lengths.is_meta  # widths are read on the host
+    with OperatorCounter() as counter:
+        moved = dm.train_set.collate(idx)
+    assert counter.total_syncs == 0
+    assert moved.keys() == host.keys()
+    assert all(moved[k].is_meta and moved[k].shape == host[k].shape for k in host)
