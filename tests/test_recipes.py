@@ -109,7 +109,7 @@ def test_paper_recipes_hold_the_official_values(experiment, recipe):
             assert cfg[group][field] == value, f"{experiment}: {group}.{field}"
 
 
-def test_new_options_default_off_and_whiten_is_off_for_setrec():
+def test_new_options_default_off_and_setrec_whitens_only_outside_the_paper_recipe():
     cfg = compose(None, ["generator=rpg"])
     off = {"embed_dropout": None, "attn_dropout": 0.0, "activation": "relu", "bias": False}
     assert {k: cfg.generator[k] for k in off} == off
@@ -117,7 +117,8 @@ def test_new_options_default_off_and_whiten_is_off_for_setrec():
     assert cfg.trainer.gradient_clip_val is None
     assert compose(None, ["generator=simgr"]).generator.schedule == "constant"
     setrec = compose(None, ["generator=setrec"]).generator
-    assert setrec.whiten is False and setrec.schedule == "constant"
+    assert setrec.whiten is True and setrec.schedule == "constant"  # chosen on validation
+    assert setrec.architecture == "decoder_only"
 
 
 def test_gelu_new_is_gpt2s_tanh_formula():
