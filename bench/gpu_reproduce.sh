@@ -9,10 +9,22 @@
 # It writes $OUT/reproduction.jsonl (the committed rows plus the new ones) and $OUT/runs.tar.gz
 # (each run's config, metrics, selection and training curve); commit the first as
 # bench/results/reproduction.jsonl. Rehearse here: OUT=/tmp/out bash bench/gpu_reproduce.sh run 3 --smoke
+#   bash bench/gpu_reproduce.sh steps   # step times and the re-fitted overhead model into $OUT
+#   (bench/bench_gpu_steps.py; rehearse: OUT=/tmp/out bash bench/gpu_reproduce.sh steps --quick)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SWEEP=experiments/sweep_reproduce_beauty.yaml
 WHEELS=(omegaconf==2.4.0 faiss-cpu==1.15.1)
+
+device_env() {  # the carried wheels and caches, no network
+  if ! python3 -c "import omegaconf, faiss" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} GRID_CACHE=$PWD/.gpucache PYTHONUNBUFFERED=1
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
+}
 
 case "${1:-}" in
 prepare)
@@ -29,20 +41,19 @@ prepare)
   ;;
 run)
   minutes=${2:?minutes}; shift 2
-  if ! python3 -c "import omegaconf, faiss" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  fi
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} GRID_CACHE=$PWD/.gpucache PYTHONUNBUFFERED=1
-  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
+  device_env
   cp bench/results/reproduction.jsonl "$OUT/reproduction.jsonl" 2>/dev/null || true
   python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())"
   python3 -m grid reproduce "$SWEEP" --minutes "$minutes" --results "$OUT/reproduction.jsonl" \
     --archive "$OUT/runs.tar.gz" --out /tmp/reproduce "$@" 2>&1 | tee "$OUT/reproduce.log"
   ;;
+steps)  # step times eager / compiled / CUDA graphs and the overhead model re-fitted (~5 min)
+  shift
+  device_env
+  python3 bench/bench_gpu_steps.py --out "$OUT" "$@" 2>&1 | tee "$OUT/steps.log"
+  ;;
 *)
-  echo "usage: bash bench/gpu_reproduce.sh prepare | run MINUTES [KEY=VALUE ...]" >&2
+  echo "usage: bash bench/gpu_reproduce.sh prepare | run MINUTES [KEY=VALUE ...] | steps" >&2
   exit 2
   ;;
 esac
