@@ -367,7 +367,8 @@ class TIGER(Recommender):
         bos = torch.full_like(tokens[:, :1], self.bos)
         h, kvs, keep, pos = self._run_decoder_only(tokens, count, bos)
         # the prompt ends with bos, so its last state already predicts level 0
-        prefix = [(k, v, ~keep[:, None, None, :]) for k, v in kvs]
+        pad = ~keep[:, None, None, :]
+        prefix = [(k, v, pad) for k, v in kvs]
         return {"prefix": prefix, "bos_pos": pos[:, -1], "h0": h[:, -1:, None]}
 
     def _decode(self, state: dict, tokens: torch.Tensor, start: int, caches: list | None):
